@@ -1,0 +1,64 @@
+"""Torch datasets over a generated shapes world (see ``shapes_world.py``), on LAVIS's classes.
+
+Train datasets read the LAVIS train formats and can keep a seeded fraction of their images (the
+paper's "1/10 of the data" rows). Eval datasets add ``ground_truth()``, the references a scorer
+needs, read from the same annotation file the samples come from.
+"""
+import random
+
+from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
+from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEvalDataset
+
+
+def subset_by_image(annotation: list[dict], fraction: float, seed: int) -> list[dict]:
+    """Keeps every record of a seeded ``round(fraction * #images)`` images (at least one).
+
+    Images are drawn as a prefix of one seeded shuffle, so a smaller fraction keeps a subset
+    of a larger one. Record order is preserved.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"build_info.fraction must be in (0, 1], got {fraction!r}")
+    images = sorted({ann["image"] for ann in annotation})
+    random.Random(f"shapes-world/{seed}/fraction").shuffle(images)
+    kept = set(images[: max(1, round(fraction * len(images)))])
+    return [ann for ann in annotation if ann["image"] in kept]
+
+
+class ShapesCaptionDataset(CaptionDataset):
+    """Train captions, one record per caption: samples {"image": [3, H, W], "text_input": str,
+    "image_id": int (dense index of the image)}."""
+
+    def keep_fraction(self, fraction: float, seed: int) -> None:
+        """Drops all but a seeded ``fraction`` of the images (with all their captions)."""
+        self.annotation = subset_by_image(self.annotation, fraction, seed)
+        self._add_instance_ids()
+        unique_ids = dict.fromkeys(ann["image_id"] for ann in self.annotation)
+        self.img_ids = {image_id: n for n, image_id in enumerate(unique_ids)}
+
+
+class ShapesCaptionEvalDataset(CaptionEvalDataset):
+    """Val/test images: samples {"image": [3, H, W], "image_id": int, "instance_id": str}."""
+
+    def ground_truth(self) -> dict[int, list[str]]:
+        """image_id -> its reference captions, as written by the generator."""
+        return {int(ann["image_id"]): list(ann["caption"]) for ann in self.annotation}
+
+
+class ShapesVQADataset(COCOVQADataset):
+    """Train questions: samples {"image": [3, H, W], "text_input": question, "answers": [str],
+    "weights": [float]}, batched by LAVIS's ``VQADataset.collater``."""
+
+    def keep_fraction(self, fraction: float, seed: int) -> None:
+        """Drops all but a seeded ``fraction`` of the images (with all their questions)."""
+        self.annotation = subset_by_image(self.annotation, fraction, seed)
+        self._add_instance_ids()
+
+
+class ShapesVQAEvalDataset(COCOVQAEvalDataset):
+    """Val/test questions: samples {"image": [3, H, W], "text_input": question, "question_id": int,
+    "instance_id": str}. ``ann_paths`` = [records, answer list, VQA-v2 questions, VQA-v2
+    annotations], so LAVIS's ``vqa`` task finds ``answer_list`` and its scorer's files."""
+
+    def ground_truth(self) -> dict[int, list[str]]:
+        """question_id -> its ten answers, as written by the generator."""
+        return {int(ann["question_id"]): list(ann["answer"]) for ann in self.annotation}
