@@ -1,0 +1,106 @@
+"""Training checkpoints that hold only what training changes.
+
+LAVIS saves the trainable weights alone (the frozen ViT and LLM would be gigabytes) and then
+reloads them with a strict ``load_state_dict`` that fails, or falls back to ``strict=False``
+and silently ignores every mismatch. ``load_trainable_state`` loads non-strictly but checks the
+keys itself: a missing key is allowed only when the model would keep its own value anyway
+(a frozen parameter, or a buffer of a module with nothing to train); everything else is an
+error that names the file.
+
+A checkpoint is ``{"model", "optimizer", "scaler", "epoch", "iters", "config", ...}``, written
+atomically and read back with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+"""
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys do not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What ``load_trainable_state`` did: the keys it loaded, and the frozen ones the model kept."""
+
+    loaded: list[str]
+    missing_frozen: list[str]
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys a checkpoint may omit: parameters with requires_grad False, and buffers
+    of modules that have no trainable parameter (their values never change in training).
+    Tied weights (an LM head sharing the embedding) appear under every name they have."""
+    keys = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    for module_name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        keys.update(prefix + name for name, _ in module.named_buffers(recurse=False))
+    return keys & set(model.state_dict())
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without its frozen parameters (LAVIS's rule: buffers are kept)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Load a trainable-weights-only ``state_dict`` into ``model``, checking keys first.
+
+    Raises CheckpointMismatchError (naming ``source``, the file) for keys the model does not have,
+    or for missing keys that are not frozen; nothing is loaded in either case.
+    """
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state_dict) - expected)
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"{source}: {len(unexpected)} keys the model ({type(model).__name__}) does not have: {unexpected}"
+        )
+    missing = expected - set(state_dict)
+    missing_trainable = sorted(missing - frozen_keys(model))
+    if missing_trainable:
+        raise CheckpointMismatchError(
+            f"{source}: {len(missing_trainable)} trainable keys are missing: {missing_trainable}"
+        )
+    model.load_state_dict(state_dict, strict=False)
+    report = LoadReport(loaded=sorted(state_dict), missing_frozen=sorted(missing))
+    logging.info(
+        "Loaded %d tensors from %s; %d frozen tensors kept from the model.",
+        len(report.loaded), source, len(report.missing_frozen),
+    )
+    return report
+
+
+def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` to ``path`` atomically: a kill leaves the old file or the new one,
+    never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model",)) -> dict:
+    """Read a checkpoint onto the CPU with safe unpickling; ``required`` keys must be present."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
+    absent = [k for k in required if k not in checkpoint]
+    if absent:
+        raise CheckpointMismatchError(f"{path}: checkpoint lacks {absent} (has {sorted(checkpoint)})")
+    return checkpoint

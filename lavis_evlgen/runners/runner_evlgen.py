@@ -1,0 +1,388 @@
+"""LAVIS runners that train on the CPU (gloo) as on CUDA (nccl) and resume exactly.
+
+``runner_evlgen`` (epoch-based RunnerBase) and ``runner_evlgen_iter`` (iteration-based
+RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes about CUDA:
+
+- ``model``: LAVIS returns None when the model already sits on the device and gives DDP
+  ``device_ids`` on the CPU; here DDP gets ``device_ids`` on CUDA only, and
+  ``run.find_unused_parameters`` (default False).
+- loaders: ``PrefetchLoader`` (a CUDA stream) on CUDA only. The train sampler's order is a
+  function of (``run.seed``, epoch), so a resumed run sees the batches a straight run would.
+- evaluation: samples move to CUDA only on CUDA (``BaseTask.evaluation`` defaults to
+  ``cuda_enabled=True`` and LAVIS's runner does not pass it).
+- ``run.amp``: ``torch.amp.GradScaler("cuda")`` on CUDA; off with a warning on the CPU. LAVIS's
+  train loop enters ``torch.cuda.amp.autocast`` only when a scaler exists, so autocast runs on
+  CUDA only.
+- barriers only when torch.distributed is initialized (a plain single process has none).
+- checkpoints: trainable weights, optimizer, scaler, position and best metric, written
+  atomically, with ``checkpoint_latest.pth`` every (inner) epoch; ``run.resume_ckpt_path``
+  continues the run; reloads go through ``load_trainable_state`` (never silently non-strict).
+- ``run.output_dir`` is relative to the working directory (LAVIS joins it to its package dir).
+
+Importing this module also registers LAVIS's LR schedulers (they live in
+``lavis.common.optims``, which nothing in LAVIS imports) and points LAVIS's ``cache_root`` at
+``lavis_evlgen.common.paths.cache_root()`` (LAVIS's default is ``/export/home/.cache/lavis``).
+"""
+import datetime
+import logging
+import math
+import time
+from pathlib import Path
+
+import lavis.common.optims  # noqa: F401  (registers linear_warmup_cosine_lr, linear_warmup_step_lr)
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from lavis.common.dist_utils import (
+    get_rank,
+    get_world_size,
+    is_dist_avail_and_initialized,
+    is_main_process,
+    main_process,
+)
+from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import MultiIterLoader, PrefetchLoader
+from lavis.runners.runner_base import RunnerBase
+from lavis.runners.runner_iter import RunnerIter
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data.dataset import ChainDataset
+
+from lavis_evlgen.common.checkpoint import (
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state_dict,
+)
+from lavis_evlgen.common.paths import cache_root
+from lavis_evlgen.runners.distributed import resolve_device
+
+# LAVIS's dataset builders resolve relative storage paths against cache_root.
+registry.mapping["paths"]["cache_root"] = str(cache_root())
+
+
+class SkippingSampler(DistributedSampler):
+    """A DistributedSampler (with one replica it is a seeded shuffle): its order depends only on
+    (seed, epoch). ``skip`` drops the first indices of the next pass, for a run resumed mid-epoch."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+class EpochLoader:
+    """An endless iterator over a map-style train loader, one pass per epoch, with
+    ``sampler.set_epoch`` before each pass. Starts at ``start_epoch``, skipping its first
+    ``skip_batches`` batches. ``epoch`` and ``len`` (batches per pass) as LAVIS's IterLoader."""
+
+    def __init__(self, loader, sampler: SkippingSampler, batch_size: int, start_epoch: int = 0, skip_batches: int = 0):
+        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
+        self.batches_per_epoch = len(loader)
+        self.epoch = start_epoch
+        self._batches = self._begin_epoch(skip_batches)
+
+    def _begin_epoch(self, skip_batches: int):
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = skip_batches * self.batch_size
+        return iter(self.loader)
+
+    def __next__(self):
+        try:
+            return next(self._batches)
+        except StopIteration:
+            self.epoch += 1
+            self._batches = self._begin_epoch(0)
+            return next(self._batches)
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class EvlgenRunnerMixin:
+    """The device-agnostic, resumable parts shared by both runners (see the module docstring).
+
+    A runner defines ``_position_key`` ("epoch" | "iters"), ``_train_position``,
+    ``_position_state`` and ``_restore_position``.
+    """
+
+    _position_key: str
+
+    def __init__(self, cfg, task, model, datasets, job_id):
+        super().__init__(cfg, task, model, datasets, job_id)
+        self._best = {"agg_metrics": -math.inf, "position": None}
+        if cfg.run_cfg.get("amp", False) and not self.cuda_enabled:
+            logging.warning("run.amp is on but the device is the CPU: training in fp32 (bf16 autocast is ~7x slower on CPU).")
+
+    # ------------------------------------------------------------------ device and model
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(str(self.config.run_cfg.get("device", "auto")))
+        return self._device
+
+    @property
+    def use_distributed(self) -> bool:
+        """run.distributed as set by init_distributed_mode (LAVIS configs say True by default)."""
+        return bool(self.config.run_cfg.get("distributed", False)) and is_dist_avail_and_initialized()
+
+    @property
+    def model(self):
+        """The model on the device, DDP-wrapped when distributed (on the CPU without device_ids)."""
+        if self._wrapped_model is None:
+            self._model = self._model.to(self.device)
+            if self.use_distributed:
+                self._wrapped_model = DDP(
+                    self._model,
+                    device_ids=[self.config.run_cfg.gpu] if self.cuda_enabled else None,
+                    find_unused_parameters=bool(self.config.run_cfg.get("find_unused_parameters", False)),
+                )
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    @property
+    def scaler(self):
+        if self._scaler is None and self.config.run_cfg.get("amp", False) and self.cuda_enabled:
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
+
+    def setup_output_dir(self):
+        output_dir = Path(self.config.run_cfg.output_dir).expanduser().resolve() / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        # registry.register_path refuses to overwrite, which breaks a second runner in one process.
+        registry.mapping["paths"]["output_dir"] = str(output_dir)
+        registry.mapping["paths"]["result_dir"] = str(result_dir)
+        self.output_dir, self.result_dir = output_dir, result_dir
+
+    # ------------------------------------------------------------------ data
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        """One loader per split, as LAVIS's: train loaders are endless iterators, a split holding
+        several datasets gets a MultiIterLoader sampling them by ``dataset_ratios``."""
+        loaders = []
+        for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, (list, tuple)):
+                if self.resume_ckpt_path is not None:
+                    logging.warning("Resuming with several train datasets: their order restarts from epoch 0.")
+                loader = MultiIterLoader(
+                    loaders=[
+                        self._create_loader(d, num_workers, batch_size, is_train, fn, resumable=False)
+                        for d, fn in zip(dataset, collate_fn)
+                    ],
+                    ratios=dataset_ratios,
+                )
+            else:
+                loader = self._create_loader(dataset, num_workers, batch_size, is_train, collate_fn)
+            loaders.append(loader)
+        return loaders
+
+    def _create_loader(self, dataset, num_workers, batch_size, is_train, collate_fn, resumable=True):
+        if isinstance(dataset, (ChainDataset, wds.DataPipeline)):
+            # Streams shard, shuffle and batch themselves; they have no resumable position.
+            return iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=self.cuda_enabled))
+
+        if is_train:
+            sampler = SkippingSampler(
+                dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=int(self.config.run_cfg.seed)
+            )
+        elif self.use_distributed and self.use_dist_eval_sampler:
+            sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=False)
+        else:
+            sampler = None
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=self.cuda_enabled,
+            sampler=sampler,
+            collate_fn=collate_fn,
+            drop_last=is_train,
+        )
+        if self.cuda_enabled:
+            loader = PrefetchLoader(loader)  # overlaps host-to-GPU copies on a side CUDA stream
+        if not is_train:
+            return loader
+        start_epoch, skip_batches = self._train_position(len(loader)) if resumable else (0, 0)
+        return EpochLoader(loader, sampler, batch_size, start_epoch, skip_batches)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        """Evaluate on ``split_name``; ``cur_epoch == "best"`` reloads checkpoint_best first
+        unless ``skip_reload``. Returns the task's metrics (None on non-main processes)."""
+        data_loader = self.dataloaders.get(split_name)
+        if data_loader is None:
+            raise KeyError(f"no data for split {split_name!r}; the datasets provide {sorted(self.dataloaders)}")
+        model = self.unwrap_dist_model(self.model)
+        if not skip_reload and cur_epoch == "best":
+            model = self._reload_best_model(model)
+        model.eval()
+        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
+        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+        if results is None:
+            return None
+        return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+
+    def _validate(self, cur_epoch, position: int) -> None:
+        """Evaluate every valid split; an improved "val" agg_metrics saves checkpoint_best."""
+        for split_name in self.valid_splits:
+            logging.info("Evaluating on %s.", split_name)
+            val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+            if val_log is None or not is_main_process():
+                continue
+            if "agg_metrics" not in val_log:
+                raise KeyError(f"task {type(self.task).__name__} returned no agg_metrics for split {split_name!r}")
+            improved = val_log["agg_metrics"] > self._best["agg_metrics"]
+            if split_name == "val" and improved and not self.evaluate_only:
+                self._best = {"agg_metrics": val_log["agg_metrics"], "position": position}
+                self._save_checkpoint(position, is_best=True)
+            self.log_stats({**val_log, f"best_{self._position_key}": self._best["position"]}, split_name)
+
+    # ------------------------------------------------------------------ checkpoints
+    @main_process
+    def _save_checkpoint(self, position: int, is_best: bool = False, latest: bool = False):
+        """checkpoint_{best | latest | position}.pth in the output dir (main process only)."""
+        name = "best" if is_best else "latest" if latest else position
+        path = self.output_dir / f"checkpoint_{name}.pth"
+        checkpoint = {
+            "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": self.config.to_dict(),
+            "best": dict(self._best),
+            **self._position_state(position),
+        }
+        save_checkpoint(checkpoint, path)
+        logging.info("Saved %s (%s %d).", path, self._position_key, position)
+
+    def _load_checkpoint(self, url_or_filename):
+        """Resume: trainable weights, optimizer, scaler, best metric and position."""
+        checkpoint = load_checkpoint(url_or_filename, required=("model", "optimizer", self._position_key))
+        load_trainable_state(self.unwrap_dist_model(self.model), checkpoint["model"], source=str(url_or_filename))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler") is not None:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self._best = checkpoint.get("best", self._best)
+        self._restore_position(checkpoint)
+        logging.info("Resumed from %s after %s %d.", url_or_filename, self._position_key, checkpoint[self._position_key])
+
+    def _reload_best_model(self, model):
+        path = self.output_dir / "checkpoint_best.pth"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: only a split named 'val' in run.valid_splits saves it")
+        load_trainable_state(model, load_checkpoint(path)["model"], source=str(path))
+        return model
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _barrier() -> None:
+        if is_dist_avail_and_initialized():
+            dist.barrier()
+
+    def _log_throughput(self, stats: dict, steps: int, seconds: float, label: str) -> dict:
+        """Log and record the training samples/s (all processes together) of one (inner) epoch."""
+        samples = steps * int(self.config.run_cfg.batch_size_train) * get_world_size()
+        rate = samples / max(seconds, 1e-9)
+        logging.info("%s: %d samples in %.1f s, %.1f samples/s", label, samples, seconds, rate)
+        stats["samples_per_s"] = f"{rate:.1f}"
+        return stats
+
+    def _finish(self, start_time: float) -> None:
+        logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+
+@registry.register_runner("runner_evlgen")
+class RunnerEvlgen(EvlgenRunnerMixin, RunnerBase):
+    """Epoch-based: train an epoch, validate, checkpoint; then test (on the best checkpoint when
+    there are valid splits)."""
+
+    _position_key = "epoch"
+
+    def _train_position(self, batches_per_epoch: int) -> tuple[int, int]:
+        return self.start_epoch, 0
+
+    def _position_state(self, epoch: int) -> dict:
+        return {"epoch": epoch, "iters": (epoch + 1) * len(self.train_loader)}
+
+    def _restore_position(self, checkpoint: dict) -> None:
+        self.start_epoch = int(checkpoint["epoch"]) + 1
+
+    def train_epoch(self, epoch):
+        start = time.time()
+        stats = super().train_epoch(epoch)
+        return self._log_throughput(stats, len(self.train_loader), time.time() - start, f"epoch {epoch}")
+
+    def train(self):
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path is not None:
+            self._load_checkpoint(self.resume_ckpt_path)
+
+        last_epoch = self.max_epoch - 1
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                logging.info("Start training epoch %d.", cur_epoch)
+                self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+            self._validate(cur_epoch, position=cur_epoch)
+            if self.evaluate_only:
+                last_epoch = cur_epoch
+                break
+            if not self.valid_splits:
+                self._save_checkpoint(cur_epoch)
+            self._save_checkpoint(cur_epoch, latest=True)
+            self._barrier()
+
+        self.evaluate(cur_epoch="best" if self.valid_splits else last_epoch, skip_reload=self.evaluate_only)
+        self._finish(start_time)
+
+
+@registry.register_runner("runner_evlgen_iter")
+class RunnerEvlgenIter(EvlgenRunnerMixin, RunnerIter):
+    """Iteration-based: every ``run.iters_per_inner_epoch`` steps validate and checkpoint, up to
+    ``run.max_iters``; then test (on the best checkpoint when there are valid splits)."""
+
+    _position_key = "iters"
+
+    def _train_position(self, batches_per_epoch: int) -> tuple[int, int]:
+        return divmod(self.start_iters, batches_per_epoch)
+
+    def _position_state(self, iters: int) -> dict:
+        return {"epoch": self.cur_epoch, "iters": iters}
+
+    def _restore_position(self, checkpoint: dict) -> None:
+        self.start_iters = int(checkpoint["iters"])
+
+    def train_iters(self, epoch, start_iters):
+        start = time.time()
+        stats = super().train_iters(epoch, start_iters)
+        label = f"iters {start_iters}-{start_iters + self.iters_per_inner_epoch}"
+        return self._log_throughput(stats, self.iters_per_inner_epoch, time.time() - start, label)
+
+    def train(self):
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path is not None:
+            self._load_checkpoint(self.resume_ckpt_path)
+
+        for start_iters in range(self.start_iters, self.max_iters, self.iters_per_inner_epoch):
+            end_iters = start_iters + self.iters_per_inner_epoch
+            if not self.evaluate_only:
+                logging.info("Start training iters %d-%d of %d.", start_iters, end_iters, self.max_iters)
+                self.log_stats(split_name="train", stats=self.train_iters(self.cur_epoch, start_iters))
+            self._validate(self._progress(end_iters), position=end_iters)
+            if self.evaluate_only:
+                break
+            if not self.valid_splits:
+                self._save_checkpoint(end_iters)
+            self._save_checkpoint(end_iters, latest=True)
+            self._barrier()
+
+        self.evaluate(cur_epoch="best" if self.valid_splits else self._progress(self.max_iters), skip_reload=self.evaluate_only)
+        self._finish(start_time)

@@ -1,0 +1,315 @@
+"""The runners end to end on the CPU with a toy model: training, evaluation, checkpoints,
+exact resume, distributed runs with gloo, and each LAVIS CUDA assumption the runners remove."""
+import builtins
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lavis.datasets.data_utils
+import pytest
+import torch
+import torch.distributed as dist
+from lavis.common.logger import SmoothedValue
+from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lavis_evlgen.runners  # noqa: F401  (registers the runners)
+import lavis_evlgen.tasks  # noqa: F401  (registers the tasks)
+import toy_plugin
+from lavis_evlgen.common import paths
+from lavis_evlgen.common.checkpoint import (
+    CheckpointMismatchError,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state_dict,
+)
+from lavis_evlgen.runners import init_distributed_mode
+from lavis_evlgen.runners.runner_evlgen import EpochLoader
+
+sys.path.insert(0, str(toy_plugin.REPO_ROOT))  # train.py is a script at the repo root
+import train  # noqa: E402
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    """No torchrun environment leaks in; LAVIS's distributed print patch is undone afterwards."""
+    for key in DIST_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(builtins, "print", builtins.print)
+
+
+def build(root: Path, **run) -> "train.RunnerBase":
+    return train.build_runner(["--cfg-path", str(toy_plugin.write_toy_config(root, **run))])
+
+
+def trainable(runner) -> dict[str, torch.Tensor]:
+    model = runner.unwrap_dist_model(runner.model)
+    return {k: v.detach().clone() for k, v in trainable_state_dict(model).items() if k.startswith("head.")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- single process
+def test_train_evaluate_checkpoint_single_process(tmp_path, monkeypatch):
+    def no_cuda(sample):
+        raise AssertionError("prepare_sample moved a batch to CUDA on a CPU run")
+
+    monkeypatch.setattr(lavis.datasets.data_utils, "move_to_cuda", no_cuda)
+    monkeypatch.chdir(tmp_path)
+    runner = build(tmp_path, output_dir="out", device="auto")
+    frozen_before = runner.unwrap_dist_model(runner.model).frozen.weight.clone()
+    head_before = trainable(runner)
+
+    runner.train()  # 2 epochs: LAVIS's RunnerBase.train would call dist.barrier() here and fail
+
+    assert not dist.is_initialized()
+    assert runner.output_dir == tmp_path / "out" / runner.job_id  # relative to the cwd, not lavis/
+    assert runner.device == torch.device("cpu")
+    assert runner.model is runner.unwrap_dist_model(runner.model)  # not None, not DDP
+    assert not isinstance(runner.dataloaders["val"], PrefetchLoader)
+    assert isinstance(runner.train_loader, EpochLoader) and not isinstance(runner.train_loader.loader, PrefetchLoader)
+
+    latest = load_checkpoint(runner.output_dir / "checkpoint_latest.pth")
+    assert latest["epoch"] == 1 and latest["iters"] == 2 * len(runner.train_loader)
+    assert {"optimizer", "scaler", "config", "best"} <= set(latest)
+    assert "frozen.weight" not in latest["model"] and "head.weight" in latest["model"]
+    assert not torch.equal(latest["model"]["head.weight"], head_before["head.weight"])
+
+    # The test split ran on the best checkpoint, reloaded into the model; frozen weights never change.
+    best = load_checkpoint(runner.output_dir / "checkpoint_best.pth")
+    model = runner.unwrap_dist_model(runner.model)
+    assert torch.equal(model.head.weight, best["model"]["head.weight"])
+    assert torch.equal(model.frozen.weight, frozen_before)
+
+    metrics = json.loads((runner.output_dir / "metrics_test.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 100.0 and metrics["num_questions"] == 8
+    train_logs = [json.loads(line) for line in (runner.output_dir / "log.txt").read_text().splitlines()
+                  if line.startswith('{"train_')]
+    assert len(train_logs) == 2 and all(float(log["train_samples_per_s"]) > 0 for log in train_logs)
+
+
+def test_iter_runner_validates_and_checkpoints_every_inner_epoch(tmp_path):
+    runner = build(tmp_path, runner="runner_evlgen_iter", max_iters=6, iters_per_inner_epoch=3)
+    runner.train()
+    latest = load_checkpoint(runner.output_dir / "checkpoint_latest.pth")
+    assert latest["iters"] == 6 and latest["epoch"] == 1  # 4 batches per data epoch
+    assert load_checkpoint(runner.output_dir / "checkpoint_best.pth")["iters"] in (3, 6)
+    log = (runner.output_dir / "log.txt").read_text()
+    assert log.count('"train_samples_per_s"') == 2 and log.count('"val_best_iters"') == 2
+    assert (runner.output_dir / "metrics_test.json").is_file()
+
+
+def test_evaluate_script(tmp_path):
+    import evaluate
+
+    evaluate.main(["--cfg-path", str(toy_plugin.write_toy_config(tmp_path))])
+    (output_dir,) = (tmp_path / "output").iterdir()
+    assert json.loads((output_dir / "metrics_test.json").read_text())["num_questions"] == 8
+    assert not list(output_dir.glob("checkpoint_*.pth"))  # evaluation only
+
+
+def test_amp_is_off_on_cpu_with_a_warning(tmp_path, caplog):
+    runner = build(tmp_path, amp=True)
+    assert runner.scaler is None
+    assert any("run.amp is on but the device is the CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_output_dir_absolute_and_registered_paths(tmp_path):
+    runner = build(tmp_path)
+    assert runner.output_dir == tmp_path / "output" / runner.job_id
+    assert registry.get_path("output_dir") == str(runner.output_dir)
+    assert registry.get_path("result_dir") == str(runner.output_dir / "result")
+
+
+def test_cache_root_and_library_root():
+    assert registry.get_path("cache_root") == str(paths.cache_root())
+    assert not registry.get_path("cache_root").startswith("/export")
+    assert Path(registry.get_path("library_root")).name == "lavis"
+
+
+def test_lr_schedulers_registered_by_the_runner_module():
+    code = (
+        "import lavis; from lavis.common.registry import registry; "
+        "assert registry.get_lr_scheduler_class('linear_warmup_cosine_lr') is None; "
+        "import lavis_evlgen.runners; "
+        "assert registry.get_lr_scheduler_class('linear_warmup_cosine_lr') is not None; "
+        "assert registry.get_lr_scheduler_class('linear_warmup_step_lr') is not None"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(toy_plugin.REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True, env=env, capture_output=True)
+
+
+def test_unknown_runner_is_a_clear_error(tmp_path):
+    with pytest.raises(KeyError, match="run.runner: 'no_such_runner'"):
+        build(tmp_path, runner="no_such_runner")
+
+
+# ---------------------------------------------------------------------- resume
+@pytest.mark.parametrize(
+    "run, halfway",
+    [
+        ({"runner": "runner_evlgen", "max_epoch": 4}, "checkpoint_1.pth"),
+        # 4 batches per data epoch: resuming at iteration 6 starts halfway through epoch 1.
+        ({"runner": "runner_evlgen_iter", "max_iters": 12, "iters_per_inner_epoch": 3}, "checkpoint_6.pth"),
+    ],
+    ids=["epoch", "iter"],
+)
+def test_resume_matches_straight_run(tmp_path, run, halfway):
+    run = {**run, "valid_splits": [], "test_splits": []}  # no validation: a checkpoint per (inner) epoch
+    straight = build(tmp_path / "straight", **run)
+    straight.train()
+
+    resumed = build(tmp_path / "resumed", **run, resume_ckpt_path=str(straight.output_dir / halfway))
+    resumed.train()
+
+    for key, value in trainable(straight).items():
+        torch.testing.assert_close(trainable(resumed)[key], value, rtol=1e-5, atol=1e-6)
+    final_straight = load_checkpoint(straight.output_dir / "checkpoint_latest.pth")
+    final_resumed = load_checkpoint(resumed.output_dir / "checkpoint_latest.pth")
+    assert final_resumed["iters"] == final_straight["iters"]
+    assert final_resumed["optimizer"]["state"][0]["step"] == final_straight["optimizer"]["state"][0]["step"]
+    assert final_resumed["optimizer"]["param_groups"][0]["lr"] == final_straight["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_resume_from_missing_file_names_it(tmp_path):
+    runner = build(tmp_path, resume_ckpt_path=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        runner.train()
+
+
+# ---------------------------------------------------------------------- distributed
+def test_gloo_process_group_of_one(tmp_path, monkeypatch):
+    """torchrun's environment on the CPU: gloo, DDP without device_ids, device-agnostic metric sync."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        runner = build(tmp_path, max_epoch=1, find_unused_parameters=True)
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert runner.config.run_cfg.distributed and runner.config.run_cfg.dist_backend == "gloo"
+        assert isinstance(runner.model, DDP) and runner.model.device_ids is None
+        assert runner.model.find_unused_parameters
+
+        meter = SmoothedValue()
+        meter.update(3.0, n=2)
+        meter.synchronize_between_processes()  # LAVIS's builds a CUDA tensor here
+        assert (meter.count, meter.total) == (2, 6.0)
+
+        runner.train()
+        assert (runner.output_dir / "checkpoint_latest.pth").is_file()
+        assert (runner.output_dir / "metrics_test.json").is_file()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_init_distributed_mode_single_process():
+    run_cfg = OmegaConf.create({"device": "auto"})
+    init_distributed_mode(run_cfg)
+    assert run_cfg.distributed is False and run_cfg.world_size == 1
+    assert run_cfg.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert not dist.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="run.device is 'cuda' but CUDA is not available"):
+        init_distributed_mode(OmegaConf.create({"device": "cuda"}))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(tmp_path):
+    """torchrun --nproc_per_node=2 on the CPU: trains, syncs metrics over gloo, checkpoints, scores captions."""
+    config = toy_plugin.write_toy_config(tmp_path, task="evlgen_captioning", max_epoch=1, valid_splits=[])
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(toy_plugin.REPO_ROOT), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", str(Path(toy_plugin.__file__)), "--cfg-path", str(config)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    (output_dir,) = (tmp_path / "output").iterdir()  # one job id shared by both ranks
+    checkpoint = load_checkpoint(output_dir / "checkpoint_latest.pth")
+    assert checkpoint["epoch"] == 0 and checkpoint["iters"] == 2  # 16 samples / (2 ranks x 4)
+    metrics = json.loads((output_dir / "metrics_test.json").read_text())
+    assert metrics["agg_metrics"] == pytest.approx(metrics["CIDEr"] + metrics["Bleu_4"])
+    assert "gloo" in proc.stdout
+
+
+# ---------------------------------------------------------------------- checkpoints
+class Frozen(nn.Module):
+    """A frozen encoder (parameters and a BatchNorm buffer) and a trainable head with its own buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).requires_grad_(False)
+        self.head = nn.BatchNorm1d(4)
+
+
+def test_load_trainable_state_allows_missing_frozen_keys():
+    source, target = Frozen(), Frozen()
+    with torch.no_grad():
+        source.head.weight.fill_(2.0)
+        source.head.running_mean.fill_(0.5)
+    state = trainable_state_dict(source)
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.")}  # frozen buffers omitted too
+    report = load_trainable_state(target, state, source="ckpt.pth")
+    assert torch.equal(target.head.weight, source.head.weight)
+    assert torch.equal(target.head.running_mean, source.head.running_mean)
+    assert "encoder.0.weight" in report.missing_frozen and "encoder.1.running_mean" in report.missing_frozen
+    assert "head.weight" in report.loaded
+
+
+def test_load_trainable_state_rejects_unexpected_keys():
+    model = Frozen()
+    state = {**trainable_state_dict(model), "decoder.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointMismatchError, match=r"ckpt\.pth: 1 keys .*'decoder.weight'"):
+        load_trainable_state(model, state, source="ckpt.pth")
+
+
+@pytest.mark.parametrize("dropped", ["head.weight", "head.running_var"])
+def test_load_trainable_state_rejects_missing_trainable_keys(dropped):
+    source, target = Frozen(), Frozen()
+    with torch.no_grad():
+        source.head.bias.fill_(1.0)
+    state = {k: v for k, v in trainable_state_dict(source).items() if k != dropped}
+    with pytest.raises(CheckpointMismatchError, match=rf"ckpt\.pth: 1 trainable keys are missing: \['{dropped}'\]"):
+        load_trainable_state(target, state, source="ckpt.pth")
+    assert not torch.equal(target.head.bias, source.head.bias)  # nothing was loaded
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_latest.pth"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 0}, path)
+
+    def killed(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "epoch": 1}, path)
+    assert load_checkpoint(path)["epoch"] == 0
+
+
+def test_load_checkpoint_is_safe_and_checks_keys(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": Frozen()}, path)  # a pickled module, not plain data
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(path)
+    save_checkpoint({"model": {}}, path)
+    with pytest.raises(CheckpointMismatchError, match="lacks \\['optimizer'\\]"):
+        load_checkpoint(path, required=("model", "optimizer"))

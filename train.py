@@ -1,0 +1,77 @@
+"""Train (and evaluate) with a LAVIS config, as LAVIS's train.py, on the CPU or on GPUs.
+
+    python train.py --cfg-path CONFIG.yaml [--options run.max_epoch=1 ...]
+    python -m torch.distributed.run --nproc_per_node=N train.py --cfg-path CONFIG.yaml
+
+The runner is ``run.runner`` (default ``runner_evlgen``); ``run.device: auto`` picks CUDA when
+available.
+"""
+import argparse
+import random
+import time
+
+import lavis.tasks as tasks
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+import torch.distributed as dist
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+
+import lavis_evlgen  # noqa: F401  (registers the models, datasets, tasks and runners)
+from lavis_evlgen.runners import init_distributed_mode
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg-path", required=True, help="path to the configuration file")
+    parser.add_argument("--options", nargs="+", help="overrides of the config, as key=value")
+    return parser.parse_args(argv)
+
+
+def setup_seeds(cfg) -> None:
+    """Seed every RNG with run.seed + rank (each process draws different augmentations)."""
+    seed = int(cfg.run_cfg.seed) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cudnn.benchmark = False
+    cudnn.deterministic = True
+
+
+def shared_job_id() -> str:
+    """A timestamp naming the run's output folder, rank 0's on every process (LAVIS's ``now()``
+    has 10-minute resolution: two runs in that time would share a folder)."""
+    job_id = [time.strftime("%Y%m%d%H%M%S")]
+    if is_dist_avail_and_initialized():
+        dist.broadcast_object_list(job_id, src=0)
+    return job_id[0]
+
+
+def build_runner(argv=None):
+    """Config, distributed setup, seeds, logging, task, datasets, model -> the configured runner."""
+    cfg = Config(parse_args(argv))
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg)
+    setup_logger()  # after the distributed setup: only rank 0 logs at INFO
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+
+    runner_name = cfg.run_cfg.get("runner", "runner_evlgen")
+    runner_cls = registry.get_runner_class(runner_name)
+    if runner_cls is None:
+        raise KeyError(f"run.runner: {runner_name!r} is not registered ({registry.list_runners()})")
+    return runner_cls(cfg=cfg, job_id=shared_job_id(), task=task, model=model, datasets=datasets)
+
+
+def main(argv=None):
+    build_runner(argv).train()
+
+
+if __name__ == "__main__":
+    main()
