@@ -3,7 +3,6 @@ exact resume, distributed runs with gloo, and each LAVIS CUDA assumption the run
 import builtins
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lavis_evlgen.runners  # noqa: F401  (registers the runners)
 import lavis_evlgen.tasks  # noqa: F401  (registers the tasks)
 import toy_plugin
+from launch import DIST_ENV, free_port
 from lavis_evlgen.common import paths
 from lavis_evlgen.common.checkpoint import (
     CheckpointMismatchError,
@@ -36,7 +36,6 @@ from lavis_evlgen.runners.runner_evlgen import EpochLoader
 sys.path.insert(0, str(toy_plugin.REPO_ROOT))  # train.py is a script at the repo root
 import train  # noqa: E402
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
@@ -54,12 +53,6 @@ def build(root: Path, **run) -> "train.RunnerBase":
 def trainable(runner) -> dict[str, torch.Tensor]:
     model = runner.unwrap_dist_model(runner.model)
     return {k: v.detach().clone() for k, v in trainable_state_dict(model).items() if k.startswith("head.")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- single process

@@ -47,6 +47,8 @@ class ToyModel(BaseModel):
     """image [B, 4] -> frozen Linear(4, H) -> ReLU -> trainable Linear(H, 1); MSE to label [B].
     The frozen layer has a buffer, to exercise checkpoints that omit frozen state."""
 
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}  # built from project configs only
+
     def __init__(self, hidden_dim: int = 8, seed: int = 0):
         super().__init__()
         self.frozen = nn.Linear(IN_DIM, hidden_dim)

@@ -261,13 +261,11 @@ class EVLGen(BaseModel):
         image = samples["image"]
         prompt = samples.get("prompt", self.config.prompt)
         prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
+        sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature, "num_beams": 1}
         return self._generate_from_prompts(
             image,
             prompts,
-            do_sample=use_nucleus_sampling,
-            top_p=top_p,
-            temperature=temperature,
-            num_beams=1 if use_nucleus_sampling else num_beams,
+            **(sampling if use_nucleus_sampling else {"num_beams": num_beams}),
             max_new_tokens=max_length,
             min_new_tokens=min_length,
             repetition_penalty=repetition_penalty,

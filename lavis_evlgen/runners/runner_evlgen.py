@@ -26,6 +26,7 @@ Importing this module also registers LAVIS's LR schedulers (they live in
 import datetime
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -270,6 +271,11 @@ class EvlgenRunnerMixin:
         if self.scaler is not None and checkpoint.get("scaler") is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self._best = checkpoint.get("best", self._best)
+        # The best checkpoint so far belongs to the run being continued: bring it along, so the
+        # test phase can reload it even when no later validation beats it.
+        source_best = Path(url_or_filename).parent / "checkpoint_best.pth"
+        if is_main_process() and source_best.is_file() and source_best.resolve() != (self.output_dir / "checkpoint_best.pth").resolve():
+            shutil.copy2(source_best, self.output_dir / "checkpoint_best.pth")
         self._restore_position(checkpoint)
         logging.info("Resumed from %s after %s %d.", url_or_filename, self._position_key, checkpoint[self._position_key])
 
