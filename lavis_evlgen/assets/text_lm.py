@@ -19,8 +19,12 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Fit a byte-level BPE tokenizer to ``texts``; returns a ``PreTrainedTokenizerFast`` adding <s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Fit a byte-level BPE tokenizer to ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    Like GPT-2's, it adds no BOS: in EVLGen the image soft prompts come first and play the part
+    of the context a document starts with (see ``shapes_corpus``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -30,7 +34,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_input_names=["input_ids", "attention_mask"]
     )
@@ -39,7 +42,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 def pretrain_text_lm(
     texts: list[str],
     out_dir: Path,
-    steps: int = 600,
+    steps: int = 800,
     batch_size: int = 32,
     lr: float = 2e-3,
     vocab_size: int = 512,
@@ -49,7 +52,7 @@ def pretrain_text_lm(
 ) -> Path:
     """Pretrain a LlamaForCausalLM on ``texts`` and save it (with its tokenizer) to ``out_dir``.
 
-    Each document is ``<s> text </s>``; AdamW with linear warmup and cosine decay.
+    Each document is ``text </s>``; AdamW with linear warmup and cosine decay.
     Writes ``pretrain_log.json`` (steps, final loss, seconds) beside the weights.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,3 +101,41 @@ def pretrain_text_lm(
     (out_dir / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     logging.info("text LM pretrained: %s", log)
     return out_dir
+
+
+def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
+    """Text-only documents from the *train* split of a shapes world.
+
+    Three kinds, all built from the training text alone (val/test text is never used):
+    - each reference caption followed by "\n" (EVLGen's caption format);
+    - a caption followed by another caption of the same image: the LM learns to describe a scene
+      that its context describes -- the image soft prompts later take that context's place;
+    - a caption followed by ``"Question: {q} Short answer: {a}"`` about the same image, so that
+      zero-shot VQA can read the answer off the context in the same way.
+    """
+    import random
+    from collections import Counter, defaultdict
+
+    world_root = Path(world_root)
+    captions = json.loads((world_root / "captions_train.json").read_text())
+    questions = json.loads((world_root / "vqa_train.json").read_text())
+    by_image = defaultdict(list)
+    for record in captions:
+        by_image[record["image"]].append(record["caption"])
+    rng = random.Random(seed)
+    docs = [record["caption"] + "\n" for record in captions]
+    for refs in by_image.values():
+        docs += [f"{a}\n{b}\n" for a, b in zip(refs, rng.sample(refs, len(refs)))]
+    for q in questions:
+        answer = Counter(q["answer"]).most_common(1)[0][0]
+        docs.append(f"{rng.choice(by_image[q['image']])}\nQuestion: {q['question']} Short answer: {answer}")
+    return docs
+
+
+def build_shapes_lm(out_dir: Path) -> dict:
+    """Builder of the ``evlgen-mini/shapes-lm`` asset: pretrain on the default shapes world's train text."""
+    from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
+
+    world = ensure_shapes_world()
+    pretrain_text_lm(shapes_corpus(world), out_dir)
+    return {"corpus": str(world), **json.loads((Path(out_dir) / "pretrain_log.json").read_text())}

@@ -227,7 +227,8 @@ class EVLGen(BaseModel):
         self.tokenizer.padding_side = "left"
         tokens = self.tokenizer(prompts, return_tensors="pt", padding="longest").to(image.device)
         prefix_mask = torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=image.device)
-        inputs_embeds = torch.cat([prefix, self._embed_tokens(tokens.input_ids)], dim=1)
+        # An empty prompt with a tokenizer that adds no BOS gives no tokens (an empty float tensor).
+        inputs_embeds = torch.cat([prefix, self._embed_tokens(tokens.input_ids.long())], dim=1)
         attention_mask = torch.cat([prefix_mask, tokens.attention_mask], dim=1)
         with self.maybe_autocast():
             output_ids = self.llm.generate(
@@ -353,4 +354,4 @@ class EVLGenOPT(EVLGen):
 class EVLGenVicuna(EVLGen):
     """EVLGen with a LLaMA-family decoder (Vicuna-7b in the paper; any LLaMA-architecture LM works)."""
 
-    PRETRAINED_MODEL_CONFIG_DICT = _model_types("evlgen_vicuna", ["pretrain_vicuna7b", "tiny"])
+    PRETRAINED_MODEL_CONFIG_DICT = _model_types("evlgen_vicuna", ["pretrain_vicuna7b", "mini", "mini_smollm2", "tiny"])
