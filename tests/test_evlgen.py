@@ -171,3 +171,8 @@ def test_prefix_ablation_for_blind_baselines(ablation):
     seen, unseen = plain.encode_image(image), blind.encode_image(image)
     expected = torch.zeros_like(seen) if ablation == "zero" else seen.roll(1, dims=0)
     torch.testing.assert_close(unseen, expected)
+
+
+def test_bad_prefix_ablation_is_named():
+    with pytest.raises(ValueError, match="blind"):
+        EVLGenConfig.from_dict({"prefix_ablation": "blind"})

@@ -60,6 +60,10 @@ class EVLGenConfig:
     # by one across the batch, so each caption is conditioned on another image).
     prefix_ablation: str | None = None
 
+    def __post_init__(self):
+        if self.prefix_ablation not in (None, "zero", "shuffle"):
+            raise ValueError(f"prefix_ablation must be null, 'zero' or 'shuffle', got {self.prefix_ablation!r}")
+
     @classmethod
     def from_dict(cls, cfg) -> "EVLGenConfig":
         """Build from a LAVIS model config (dict or DictConfig); unknown keys are an error."""
@@ -104,9 +108,6 @@ class EVLGen(BaseModel):
             prop_attn=config.prop_attn,
         )
         self.vision_proj = nn.Linear(self.visual_encoder.num_features, self.connector.hidden_size)
-
-        if config.prefix_ablation not in (None, "zero", "shuffle"):
-            raise ValueError(f"prefix_ablation must be null, 'zero' or 'shuffle', got {config.prefix_ablation!r}")
 
         self.llm, self.tokenizer = build_llm(config.llm_model, config.llm_tokenizer, config.llm_precision)
         self.llm.requires_grad_(False)
