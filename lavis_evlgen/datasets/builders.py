@@ -50,8 +50,11 @@ class ShapesWorldBuilder(BaseDatasetBuilder):
         ensure_shapes_world(self.storage(), **self.world_settings())
 
     def annotation_files(self, split: str) -> list[str]:
-        """The files (under the world root) ``split`` reads, in its dataset class's order."""
-        raise NotImplementedError
+        """The files (under the world root) ``split`` reads, in its dataset class's order.
+
+        Abstract: each registered builder (caption, VQA) names its own annotation files.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must say which annotation files a split reads")
 
     def build(self):
         root = self.world_root()
