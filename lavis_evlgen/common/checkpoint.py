@@ -104,3 +104,32 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model
     if absent:
         raise CheckpointMismatchError(f"{path}: checkpoint lacks {absent} (has {sorted(checkpoint)})")
     return checkpoint
+
+
+def read_model_state(url_or_filename: str) -> dict[str, torch.Tensor]:
+    """The ``"model"`` state dict of a LAVIS-style checkpoint (local path or URL), loaded safely."""
+    from lavis.common.dist_utils import download_cached_file
+    from lavis.common.utils import is_url
+
+    path = download_cached_file(url_or_filename, check_hash=False, progress=True) if is_url(url_or_filename) else url_or_filename
+    return load_checkpoint(path)["model"]
+
+
+class StrictCheckpointLoading:
+    """Mixin for LAVIS models: LAVIS's config-driven checkpoint loading, without its silent ``strict=False``."""
+
+    def load_checkpoint_from_config(self, cfg, **kwargs):
+        """Load ``finetuned`` (if load_finetuned) or ``pretrained`` (if load_pretrained) weights."""
+        for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
+            if cfg.get(flag, False):
+                if not cfg.get(key):
+                    raise KeyError(f"model config sets {flag}: True but gives no '{key}' checkpoint path")
+                self.load_checkpoint(cfg[key])
+                return
+
+    def load_checkpoint(self, url_or_filename: str) -> LoadReport:
+        """Load a checkpoint ``{"model": state_dict, ...}`` holding the trainable weights.
+
+        Missing keys are allowed only for frozen parts; unexpected keys are an error.
+        """
+        return load_trainable_state(self, read_model_state(url_or_filename), source=str(url_or_filename))

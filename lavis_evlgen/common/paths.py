@@ -16,3 +16,8 @@ def cache_root() -> Path:
     root = Path(os.environ.get("EVLGEN_CACHE", Path.home() / ".cache" / "lavis_evlgen")).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def model_type_configs(arch: str, model_types: list[str]) -> dict[str, str]:
+    """A LAVIS ``PRETRAINED_MODEL_CONFIG_DICT``: model type -> configs/models/<arch>/<type>.yaml."""
+    return {name: str(CONFIG_ROOT / "models" / arch / f"{name}.yaml") for name in model_types}

@@ -1,0 +1,278 @@
+"""The shared skeleton of EVLGen and BLIP-2 stage 2: a frozen ViT, a trainable connector, a frozen LLM.
+
+    image [B, 3, H, W] -> visual_encoder (frozen) -> ln_vision -> connector (subclass) -> llm_proj
+    -> soft prompts [B, N, D_llm] prepended to the text embeddings of the frozen LLM.
+
+Subclasses build their connector in ``build_connector`` and run it in ``connect``; the LM loss,
+captioning and VQA decoding, freezing and checkpoint loading live here once.
+"""
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from lavis.models.base_model import BaseModel
+from torch import nn
+
+from lavis_evlgen.common.checkpoint import StrictCheckpointLoading
+from lavis_evlgen.models.llm import build_llm
+from lavis_evlgen.models.vision import build_vision_encoder
+
+# Keys LAVIS puts in a model config that are not architecture options.
+LAVIS_BOOKKEEPING_KEYS = {"arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned"}
+
+
+@dataclass
+class ModelConfig:
+    """Base of the model config dataclasses: the one place each model's defaults live."""
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """Build from a LAVIS model config (dict or DictConfig); unknown keys are an error."""
+        cfg = dict(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(cfg) - known - LAVIS_BOOKKEEPING_KEYS
+        if unknown:
+            raise KeyError(f"unknown {cls.__name__} key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**{k: v for k, v in cfg.items() if k in known})
+
+
+@dataclass
+class VisionConfig(ModelConfig):
+    """The frozen vision encoder (factory: models/vision.py), with the paper's defaults."""
+
+    vit_model: str = "eva_clip_g"
+    image_size: int = 224
+    vit_precision: str = "fp16"
+    drop_path_rate: float = 0.0
+    use_grad_checkpoint: bool = False
+    freeze_vit: bool = True
+
+
+@dataclass
+class PrefixLMConfig(VisionConfig):
+    """Vision encoder + frozen LLM (factory: models/llm.py) + how text is fed to it."""
+
+    llm_model: str = "facebook/opt-2.7b"
+    llm_tokenizer: str | None = None
+    llm_precision: str = "fp16"
+    prompt: str = ""
+    max_txt_len: int = 32
+    # Blind-baseline ablation of the soft prompts: None | "zero" (all zeros) | "shuffle" (rolled
+    # by one across the batch, so each caption is conditioned on another image).
+    prefix_ablation: str | None = None
+
+    def __post_init__(self):
+        if self.prefix_ablation not in (None, "zero", "shuffle"):
+            raise ValueError(f"prefix_ablation must be null, 'zero' or 'shuffle', got {self.prefix_ablation!r}")
+
+
+class PrefixLM(StrictCheckpointLoading, BaseModel):
+    """A frozen LLM conditioned on soft prompts computed from a frozen ViT by a trainable connector.
+
+    Samples: ``image`` [B, 3, H, W]; ``text_input`` list[str] (captions for training, questions
+    for VQA); optional ``prompt`` (str or list[str]).
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}
+    CONFIG_CLASS = PrefixLMConfig
+
+    def __init__(self, config: PrefixLMConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = build_vision_encoder(
+            config.vit_model, config.image_size, config.vit_precision, config.drop_path_rate, config.use_grad_checkpoint
+        )
+        if config.freeze_vit:
+            self.visual_encoder.requires_grad_(False)
+        self.ln_vision = nn.LayerNorm(self.visual_encoder.num_features)
+        connector_width = self.build_connector(config, self.visual_encoder.num_features)
+
+        self.llm, self.tokenizer = build_llm(config.llm_model, config.llm_tokenizer, config.llm_precision)
+        self.llm.requires_grad_(False)
+        self.llm_proj = nn.Linear(connector_width, self.llm.config.hidden_size)
+        # Captions end with "\n" (as in BLIP-2/EVLGen); generation stops there or at EOS.
+        newline_id = self.tokenizer("\n", add_special_tokens=False).input_ids[-1]
+        self.stop_token_ids = sorted({newline_id, self.tokenizer.eos_token_id})
+
+    def build_connector(self, config, vision_width: int) -> int:
+        """Create the trainable connector modules; return the width of its output tokens."""
+        raise NotImplementedError
+
+    def connect(self, vision_tokens: torch.Tensor):
+        """Run the connector: vision_tokens [B, T, C_vit] -> (hidden [B, N, C], connector output)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- bookkeeping
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (no dropout, fixed norms) whatever the runner asks."""
+        super().train(mode)
+        self.llm.eval()
+        if self.config.freeze_vit:
+            self.visual_encoder.eval()
+        return self
+
+    def maybe_autocast(self, dtype=torch.float16):
+        """fp16 autocast on CUDA (the paper's AMP); nothing on CPU, where it is slower."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- model
+    def encode_image(self, image: torch.Tensor, return_connector_output: bool = False):
+        """Soft prompts for the LLM.
+
+        Args:
+            image: [B, 3, H, W].
+        Returns:
+            prefix [B, N, D_llm] (N fixed by the connector); also the connector's output if asked.
+        """
+        vit_param = next(self.visual_encoder.parameters())
+        with self.maybe_autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vit):
+            tokens = self.visual_encoder(image.to(vit_param.dtype))
+        hidden, connector_out = self.connect(self.ln_vision(tokens.float()))
+        prefix = self.llm_proj(hidden).to(self.llm.dtype)
+        if self.config.prefix_ablation == "zero":
+            prefix = torch.zeros_like(prefix)
+        elif self.config.prefix_ablation == "shuffle":
+            prefix = prefix.roll(1, dims=0)
+        return (prefix, connector_out) if return_connector_output else prefix
+
+    def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def forward(self, samples: dict) -> dict:
+        """LM loss on ``prompt + caption + "\\n"`` after the image soft prompts.
+
+        Returns:
+            {"loss": scalar, "loss_lm": scalar}
+        """
+        return self.caption_loss(self.encode_image(samples["image"]), samples)
+
+    def caption_loss(self, prefix: torch.Tensor, samples: dict) -> dict:
+        """LM loss of the frozen LLM on the text after ``prefix`` [B, N, D_llm] (labels -100 there and on the prompt)."""
+        device = prefix.device
+        prompt = samples.get("prompt", self.config.prompt)
+        prompts = [prompt] * len(samples["text_input"]) if isinstance(prompt, str) else list(prompt)
+
+        self.tokenizer.padding_side = "right"
+        text = [p + t + "\n" for p, t in zip(prompts, samples["text_input"])]
+        tokens = self.tokenizer(
+            text, return_tensors="pt", padding="longest", truncation=True, max_length=self.config.max_txt_len
+        ).to(device)
+        targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
+        if any(prompts):
+            # No loss on the prompt: its token count (with any BOS) per sample.
+            prompt_lengths = self.tokenizer(prompts, padding=False).input_ids
+            for i, ids in enumerate(prompt_lengths):
+                targets[i, : len(ids)] = -100
+
+        batch, num_prefix = prefix.shape[:2]
+        prefix_mask = torch.ones(batch, num_prefix, dtype=tokens.attention_mask.dtype, device=device)
+        inputs_embeds = torch.cat([prefix, self._embed_tokens(tokens.input_ids)], dim=1)
+        attention_mask = torch.cat([prefix_mask, tokens.attention_mask], dim=1)
+        labels = torch.cat([torch.full_like(prefix_mask, -100), targets], dim=1)
+        with self.maybe_autocast():
+            loss_lm = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels).loss
+        return {"loss": loss_lm, "loss_lm": loss_lm}
+
+    # ---------------------------------------------------------------- inference
+    def _generate_from_prompts(self, image: torch.Tensor, prompts: list[str], **generate_kwargs) -> list[str]:
+        """Decode after [image soft prompts, prompt tokens]; prompts are left-padded so they end together."""
+        prefix = self.encode_image(image)
+        self.tokenizer.padding_side = "left"
+        tokens = self.tokenizer(prompts, return_tensors="pt", padding="longest").to(image.device)
+        prefix_mask = torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=image.device)
+        # An empty prompt with a tokenizer that adds no BOS gives no tokens (an empty float tensor).
+        inputs_embeds = torch.cat([prefix, self._embed_tokens(tokens.input_ids.long())], dim=1)
+        attention_mask = torch.cat([prefix_mask, tokens.attention_mask], dim=1)
+        with self.maybe_autocast():
+            output_ids = self.llm.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                eos_token_id=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+        # With inputs_embeds only, generate returns just the new tokens.
+        return [t.strip() for t in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples: dict,
+        use_nucleus_sampling: bool = False,
+        num_beams: int = 5,
+        max_length: int = 30,
+        min_length: int = 1,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        num_captions: int = 1,
+        temperature: float = 1.0,
+    ) -> list[str]:
+        """Captions for ``samples["image"]`` [B, 3, H, W] (LAVIS's signature).
+
+        ``max_length``/``min_length`` count new tokens. Returns B * num_captions strings.
+        """
+        image = samples["image"]
+        prompt = samples.get("prompt", self.config.prompt)
+        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
+        sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature, "num_beams": 1}
+        return self._generate_from_prompts(
+            image,
+            prompts,
+            **(sampling if use_nucleus_sampling else {"num_beams": num_beams}),
+            max_new_tokens=max_length,
+            min_new_tokens=min_length,
+            repetition_penalty=repetition_penalty,
+            length_penalty=length_penalty,
+            num_return_sequences=num_captions,
+        )
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples: dict,
+        num_beams: int = 5,
+        inference_method: str = "generate",
+        max_len: int = 10,
+        min_len: int = 1,
+        num_ans_candidates: int = 128,
+        answer_list: list[str] | None = None,
+        prompt: str = "Question: {} Short answer:",
+        length_penalty: float = 0.0,
+        **kwargs,
+    ) -> list[str]:
+        """Zero-shot open-ended VQA: ``prompt.format(question)`` after the image, beam search.
+
+        Args:
+            samples: ``image`` [B, 3, H, W], ``text_input`` list of B questions.
+        Returns:
+            B answers.
+        """
+        if inference_method != "generate":
+            raise ValueError(f"{type(self).__name__} answers by generation only; inference_method={inference_method!r}")
+        questions = samples["text_input"]
+        questions = [questions] if isinstance(questions, str) else questions
+        prompts = [prompt.format(q) for q in questions] if prompt else list(questions)
+        return self._generate_from_prompts(
+            samples["image"],
+            prompts,
+            num_beams=num_beams,
+            max_new_tokens=max_len,
+            min_new_tokens=min_len,
+            length_penalty=length_penalty,
+        )
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg):
+        model = cls(cls.CONFIG_CLASS.from_dict(cfg))
+        model.load_checkpoint_from_config(cfg)
+        logging.info("%s: %s trainable parameters", cls.__name__, f"{model.num_trainable_parameters():,}")
+        return model
