@@ -12,13 +12,13 @@
 """
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from lavis_evlgen.common.jobs import launch_job as launch
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTION_CFG = REPO / "projects/evlgen/mini/caption.yaml"
@@ -28,24 +28,6 @@ CAPTION_KEYS = [("CIDEr", "CIDEr"), ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), 
 
 def stage(message: str, start: float) -> None:
     print(f"\n==== [{time.time() - start:6.0f} s] {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: str, cfg: Path, nproc: int, output_dir: Path, options: list[str]) -> Path:
-    """Run train.py/evaluate.py under torch.distributed.run; return the new job directory."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    before = set(output_dir.iterdir())
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               str(REPO / script), "--cfg-path", str(cfg), "--options", f"run.output_dir={output_dir}", *options]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
-    (job,) = [p for p in set(output_dir.iterdir()) - before if p.is_dir()]
-    return job
 
 
 def prepare(model_type: str) -> None:

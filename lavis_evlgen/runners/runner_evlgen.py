@@ -244,7 +244,8 @@ class EvlgenRunnerMixin:
             if split_name == "val" and improved and not self.evaluate_only:
                 self._best = {"agg_metrics": val_log["agg_metrics"], "position": position}
                 self._save_checkpoint(position, is_best=True)
-            self.log_stats({**val_log, f"best_{self._position_key}": self._best["position"]}, split_name)
+            position_stats = {self._position_key: position, f"best_{self._position_key}": self._best["position"]}
+            self.log_stats({**val_log, **position_stats}, split_name)
 
     # ------------------------------------------------------------------ checkpoints
     @main_process
@@ -293,11 +294,12 @@ class EvlgenRunnerMixin:
             dist.barrier()
 
     def _log_throughput(self, stats: dict, steps: int, seconds: float, label: str) -> dict:
-        """Log and record the training samples/s (all processes together) of one (inner) epoch."""
+        """Log and record the training samples/s (all processes together) and seconds of one (inner) epoch."""
         samples = steps * int(self.config.run_cfg.batch_size_train) * get_world_size()
         rate = samples / max(seconds, 1e-9)
         logging.info("%s: %d samples in %.1f s, %.1f samples/s", label, samples, seconds, rate)
         stats["samples_per_s"] = f"{rate:.1f}"
+        stats["seconds"] = f"{seconds:.1f}"
         return stats
 
     def _finish(self, start_time: float) -> None:

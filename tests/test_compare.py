@@ -1,0 +1,103 @@
+"""The comparison command (run_scripts/compare_mini.py) end to end on tiny models and a tiny budget."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_CONFIGS = REPO / "projects/compare/mini"
+# Each mini row on the tiny builtins: the tiny BERT has 2 layers, so "full depth" is 2 and "half" 1.
+TINY_MODELS = {
+    "blip2_stage1": {"model_type": "tiny"},
+    "blip2_stage2": {"model_type": "tiny"},
+    "blip2_one_stage": {"model_type": "tiny"},
+    "evlgen_full_depth": {"model_type": "tiny", "num_layers": 2, "tome_r": 16},
+    "evlgen_half_depth": {"model_type": "tiny", "num_layers": 1, "tome_r": 16},
+    "evlgen_tenth_data": {"model_type": "tiny", "num_layers": 2, "tome_r": 16},
+    "evlgen_two_layers": {"model_type": "tiny"},
+}
+WORLD = {"num_train": 16, "num_val": 8, "num_test": 8}
+EVAL = ["run.batch_size_eval=8", "run.num_beams=1", "run.max_len=5"]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare_mini", REPO / "run_scripts/compare_mini.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_row_configs(directory: Path) -> Path:
+    """The committed row configs with their models swapped for tiny ones."""
+    directory.mkdir()
+    for name, model in TINY_MODELS.items():
+        cfg = OmegaConf.load(ROW_CONFIGS / f"{name}.yaml")
+        cfg.model = OmegaConf.merge(cfg.model, model)
+        OmegaConf.save(cfg, directory / f"{name}.yaml")
+    return directory
+
+
+def compare_argv(tmp_path, rows, results="results"):
+    world = [f"datasets.shapes_caption.build_info.{k}={v}" for k, v in WORLD.items()]
+    vqa_world = [f"datasets.shapes_vqa.build_info.{k}={v}" for k, v in WORLD.items()]
+    return ["--nproc", "1", "--config-dir", str(tmp_path / "configs"), "--output-dir", str(tmp_path / "out"),
+            "--results-dir", str(tmp_path / results), "--rows", *rows,
+            "--options", "run.max_iters=4", "run.iters_per_inner_epoch=2", "run.batch_size_train=4", *EVAL, *world,
+            "--vqa-options", *EVAL, *vqa_world]
+
+
+def run_compare(tmp_path, rows):
+    compare = load_compare()
+    tiny_row_configs(tmp_path / "configs")
+    return compare, compare.main(compare_argv(tmp_path, rows))
+
+
+def check_outputs(summary, results: Path, rows):
+    assert [r["key"] for r in summary["rows"]] == rows
+    for r in summary["rows"]:
+        assert [p["iters"] for p in r["curve"]] == [2, 4]
+        times = [p["train_seconds"] for p in r["curve"]]
+        assert 0 < times[0] < times[1] <= r["train_seconds"] + 0.1
+        assert r["steps"] == 4 * len(r["stages"])
+        assert all(0 <= r[split]["CIDEr"] for split in ("val", "test", "val_blind"))
+        assert 0 <= r["vqa_test_accuracy"] <= 100
+        assert all(p > 0 for p in r["trainable_params"])
+    on_disk = json.loads((results / "results.json").read_text())
+    assert on_disk["rows"] == summary["rows"]
+    table = (results / "results.md").read_text()
+    for r in summary["rows"]:
+        assert r["label"] in table
+    with Image.open(results / "convergence.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_compare_two_rows_end_to_end(tmp_path):
+    rows = ["blip2_two_stage", "evlgen_half_depth"]
+    compare, summary = run_compare(tmp_path, rows)
+    check_outputs(summary, tmp_path / "results", rows)
+    blip2, evlgen = summary["rows"]
+    # BLIP-2 two-stage: stage 2 started from stage 1's checkpoint; its curve starts after stage 1.
+    assert len(blip2["stages"]) == 2 and blip2["curve"][0]["train_seconds"] > blip2["stages"][0]["train_seconds"]
+    assert "blip2_stage1" in (tmp_path / "out/blip2_two_stage/blip2_stage2.log").read_text()
+    # The target is 0.95 x BLIP-2's best val CIDEr, which BLIP-2 itself reaches by its best point.
+    assert summary["target"]["value"] == pytest.approx(0.95 * blip2["val"]["CIDEr"], abs=0.01)
+    if blip2["val"]["CIDEr"] > 0:
+        assert blip2["blip2_two_stage_time_ratio"] == 1.0
+    # The paper's rows sit beside the measured ones.
+    assert blip2["paper"]["coco_val_cider"] == 137.7 and evlgen["paper"]["trainable_params"] == "55M"
+    assert "137.7" in (tmp_path / "results/results.md").read_text()
+    # A finished row is reused, not retrained.
+    again = compare.main(compare_argv(tmp_path, rows, results="results2"))
+    assert again["rows"] == summary["rows"]
+    assert "--nproc 1" in again["command"]
+
+
+@pytest.mark.slow
+def test_compare_every_row_end_to_end(tmp_path):
+    compare = load_compare()
+    rows = [r.key for r in compare.ROWS]
+    _, summary = run_compare(tmp_path, rows)
+    check_outputs(summary, tmp_path / "results", rows)
