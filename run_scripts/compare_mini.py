@@ -100,8 +100,8 @@ def prepare(config_dir: Path, rows: list[Row], options: list[str]) -> dict[str, 
 
 # ---------------------------------------------------------------------------- one row
 def read_training_log(job: Path) -> tuple[list[float], list[dict]]:
-    """From a runner_evlgen_iter log.txt: seconds of each training chunk, and each validation's
-    {"iters", "metrics"} in order."""
+    """From a runner_evlgen_iter log.txt: the seconds of each training chunk, and each validation's
+    {"iters", "best_iters" (the runner's best so far), "metrics"}, in order."""
     seconds, validations = [], []
     for line in (job / "log.txt").read_text().splitlines():
         if not line.startswith("{"):
@@ -114,8 +114,28 @@ def read_training_log(job: Path) -> tuple[list[float], list[dict]]:
             seconds.append(float(record["train_seconds"]))
         elif "val_iters" in record:
             metrics = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
-            validations.append({"iters": int(record["val_iters"]), "metrics": metrics})
+            validations.append({"iters": int(record["val_iters"]), "best_iters": int(record["val_best_iters"]),
+                                "metrics": metrics})
     return seconds, validations
+
+
+def with_curve(result: dict) -> dict:
+    """Add the row's validation curve (read from its jobs' logs) and its best point to ``result``.
+
+    Each stage validates after every training chunk, so validation i comes after chunks 0..i;
+    a later stage's times start where the previous stage's training ended. The best point is the
+    runner's (by its agg_metrics, CIDEr + BLEU-4): the checkpoint_best.pth every evaluation used.
+    """
+    curve, offset = [], 0.0
+    for stage_info in result["stages"]:
+        seconds, validations = read_training_log(Path(stage_info["job"]))
+        for i, v in enumerate(validations):
+            curve.append({"iters": v["iters"], "train_seconds": round(offset + sum(seconds[: i + 1]), 1),
+                          "val": caption_scores(v["metrics"])})
+        offset += sum(seconds)
+    best_iters = validations[-1]["best_iters"]
+    (best,) = [p for p in curve[-len(validations):] if p["iters"] == best_iters]
+    return {**result, "curve": curve, "best_iters": best_iters, "val": best["val"]}
 
 
 def read_metrics(job: Path, split: str) -> dict:
@@ -130,7 +150,7 @@ def run_row(row: Row, args, out: Path, start: float) -> dict:
     """Train a row's stages, evaluate its best checkpoint; returns (and saves) its results."""
     row_dir = out / row.key
     row_start = time.time()
-    stages, curve, offset, stage1_checkpoint = [], [], 0.0, None
+    stages, stage1_checkpoint = [], None
     for name in row.configs:
         cfg = args.config_dir / f"{name}.yaml"
         options = list(args.options)
@@ -139,19 +159,14 @@ def run_row(row: Row, args, out: Path, start: float) -> dict:
         stage(f"{row.label}: training {cfg.name}", start)
         t0 = time.time()
         job = launch_job("train.py", cfg, args.nproc, row_dir / name, options, log=row_dir / f"{name}.log")
-        seconds, validations = read_training_log(job)
+        seconds, _ = read_training_log(job)
         chunk = int(OmegaConf.merge(OmegaConf.load(cfg), OmegaConf.from_dotlist(options)).run.iters_per_inner_epoch)
-        for v in validations:
-            done = sum(seconds[: v["iters"] // chunk])
-            curve.append({"iters": v["iters"], "train_seconds": round(offset + done, 1), "val": caption_scores(v["metrics"])})
         stages.append({"config": str(cfg.relative_to(REPO_ROOT)) if cfg.is_relative_to(REPO_ROOT) else str(cfg),
                        "job": str(job), "steps": chunk * len(seconds), "train_seconds": round(sum(seconds), 1),
                        "wall_seconds": round(time.time() - t0, 1)})
-        offset += sum(seconds)
         stage1_checkpoint = job / "checkpoint_latest.pth"
 
     best_ckpt = job / "checkpoint_best.pth"
-    best = max(curve, key=lambda p: p["val"]["CIDEr"])
     trained = ["model.load_finetuned=True", f"model.finetuned={best_ckpt}"] + [o for o in args.options if o.startswith("model.")]
     if stage1_checkpoint is not None and len(row.configs) > 1:
         trained.append("model.stage1_checkpoint=null")  # the finetuned checkpoint holds the whole Q-Former
@@ -172,17 +187,14 @@ def run_row(row: Row, args, out: Path, start: float) -> dict:
         "label": row.label,
         "stages": stages,
         "steps": sum(s["steps"] for s in stages),
-        "train_seconds": round(offset, 1),
+        "train_seconds": round(sum(s["train_seconds"] for s in stages), 1),
         "wall_seconds": round(time.time() - row_start, 1),
-        "curve": curve,
-        "best_iters": best["iters"],
-        "val": best["val"],
         "test": caption_scores(read_metrics(job, "test")),
         "vqa_test_accuracy": round(read_metrics(vqa_job, "test")["agg_metrics"], 2),
         "val_blind": caption_scores(read_metrics(blind_job, "val")),
     }
     (row_dir / "row.json").write_text(json.dumps(result, indent=2))
-    return result
+    return with_curve(result)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -217,7 +229,13 @@ def fmt(value, digits=1, unit="") -> str:
 
 def summarize(rows: list[Row], results: dict, params: dict, args) -> dict:
     """Write results.json, results.md and convergence.png to args.results_dir; return the summary."""
-    reference = results.get("blip2_two_stage")
+    reference, source = results.get("blip2_two_stage"), "this run"
+    if reference is None and args.reference is not None:
+        earlier = json.loads(args.reference.read_text())
+        reference = next((r for r in earlier["rows"] if r["key"] == "blip2_two_stage"), None)
+        if reference is None:
+            raise KeyError(f"--reference {args.reference} has no blip2_two_stage row")
+        source = str(args.reference.relative_to(REPO_ROOT) if args.reference.is_relative_to(REPO_ROOT) else args.reference)
     target = args.target_fraction * reference["val"]["CIDEr"] if reference else None
     reference_time = time_to_target(reference, target) if reference else None
     summary = {
@@ -227,7 +245,8 @@ def summarize(rows: list[Row], results: dict, params: dict, args) -> dict:
         "nproc": args.nproc,
         "wall_minutes": round(sum(results[r.key]["wall_seconds"] for r in rows if r.key in results) / 60, 1),
         "target": {"metric": "val CIDEr", "fraction_of_blip2_two_stage_best": args.target_fraction,
-                   "value": None if target is None else round(target, 2)},
+                   "value": None if target is None else round(target, 2), "source": source},
+        "reference_row": reference if source != "this run" else None,
         "rows": [],
         "note": "caption metrics x100 (pycocoevalcap CIDEr 1.0 = 100); VQA accuracy in %; "
                 "train time = seconds in training steps, all stages, validation excluded",
@@ -261,6 +280,8 @@ def markdown(summary: dict) -> str:
         f"all rows' jobs (training, validation, evaluation) {summary['wall_minutes']} min",
         "- every row: same data, ViT, LLM, step budget, batch, lr schedule and processes; scores of the best-val checkpoint",
         f"- {summary['note']}",
+        *([f"- target and the BLIP-2 two-stage reference from an earlier run: {summary['target']['source']}"]
+          if summary["reference_row"] else []),
         "",
         "## Measured",
         "",
@@ -313,15 +334,19 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for r in summary["rows"]:
+    reference = summary["reference_row"]
+    for r in summary["rows"] + ([reference] if reference else []):
         xs = [p["train_seconds"] / 60 for p in r["curve"]]
         ys = [p["val"]["CIDEr"] for p in r["curve"]]
-        (line,) = ax.plot(xs, ys, marker="o", label=r["label"])
+        if r is reference:
+            (line,) = ax.plot(xs, ys, marker="o", linestyle="--", label=f"{r['label']} ({summary['target']['source']})")
+        else:
+            (line,) = ax.plot(xs, ys, marker="o", label=r["label"])
         if len(r["stages"]) > 1:
             stage1 = r["stages"][0]["train_seconds"] / 60
             ax.axvline(stage1, color=line.get_color(), linestyle=":", linewidth=1)
-            ax.annotate("stage 1 done", (stage1, ax.get_ylim()[0]), color=line.get_color(), fontsize=8,
-                        rotation=90, va="bottom", ha="right")
+            ax.text(stage1, 0.02, "stage 1 done", transform=ax.get_xaxis_transform(), color=line.get_color(),
+                    fontsize=8, rotation=90, va="bottom", ha="right")
     blind = max(r["val_blind"]["CIDEr"] for r in summary["rows"])
     ax.axhline(blind, color="gray", linestyle=":", linewidth=1, label=f"best blind score of any row ({blind:.1f})")
     if summary["target"]["value"] is not None:
@@ -329,7 +354,7 @@ def plot(summary: dict, path: Path) -> None:
                    label=f"target ({summary['target']['value']:.1f})")
     ax.set_xlabel("training time, minutes (all stages, validation excluded)")
     ax.set_ylabel("val CIDEr (shapes world)")
-    ax.set_title("BLIP-2 vs EVLGen on the mini world: val CIDEr every 100 steps")
+    ax.set_title("BLIP-2 vs EVLGen on the mini world (same steps, data, ViT and LLM)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -347,12 +372,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--results-dir", type=Path, help="where results.{md,json} and convergence.png go (default: output dir)")
     parser.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
     parser.add_argument("--target-fraction", type=float, default=0.95)
+    parser.add_argument("--reference", type=Path,
+                        help="an earlier results.json whose BLIP-2 two-stage row sets the target when this run has none")
     parser.add_argument("--options", nargs="*", default=[], help="overrides for every training job (key=value)")
     parser.add_argument("--vqa-options", nargs="*", default=[], help="overrides for the VQA evaluations")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.config_dir, args.output_dir = args.config_dir.resolve(), args.output_dir.resolve()
     args.results_dir = (args.results_dir or args.output_dir).resolve()
+    args.reference = args.reference.resolve() if args.reference else None
     rows = [r for r in ROWS if r.key in args.rows]
     for row in rows:
         for name in row.configs:
@@ -367,7 +395,7 @@ def main(argv=None) -> dict:
         done = args.output_dir / row.key / "row.json"
         if done.is_file():
             stage(f"{row.label}: reusing {done}", start)
-            results[row.key] = json.loads(done.read_text())
+            results[row.key] = with_curve(json.loads(done.read_text()))
             continue
         try:
             results[row.key] = run_row(row, args, args.output_dir, start)
