@@ -2,6 +2,7 @@
 
     python run_scripts/compare_mini.py [--nproc 2] [--output-dir output/compare/mini]
         [--results-dir DIR] [--rows ROW ...] [--target-fraction 0.95] [--options KEY=VALUE ...]
+        [--reference EARLIER/results.json]
 
 Every row is a LAVIS config in ``--config-dir`` (default projects/compare/mini/), trained with
 the same step budget, data, vision encoder, LLM and processes, validated every
@@ -18,6 +19,8 @@ the image scores the same as its blind score). It writes to ``--results-dir``:
 
 Training time is the time spent in training steps (validation excluded), summed over stages.
 Finished rows (OUTPUT_DIR/<row>/row.json) are reused: rerun after an interruption to continue.
+A run of some rows only (e.g. a longer budget for one row) can take its target and BLIP-2 line
+from an earlier run's results.json (``--reference``).
 """
 import argparse
 import datetime
@@ -240,7 +243,7 @@ def summarize(rows: list[Row], results: dict, params: dict, args) -> dict:
     reference_time = time_to_target(reference, target) if reference else None
     summary = {
         "command": " ".join(["python", "run_scripts/compare_mini.py", *args.argv]),
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M %Z").strip(),
+        "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "nproc": args.nproc,
         "wall_minutes": round(sum(results[r.key]["wall_seconds"] for r in rows if r.key in results) / 60, 1),
@@ -278,7 +281,8 @@ def markdown(summary: dict) -> str:
         f"- command: `{summary['command']}`",
         f"- date: {summary['date']}; machine: {summary['machine']}; {summary['nproc']} processes; "
         f"all rows' jobs (training, validation, evaluation) {summary['wall_minutes']} min",
-        "- every row: same data, ViT, LLM, step budget, batch, lr schedule and processes; scores of the best-val checkpoint",
+        "- every row: same data, ViT, LLM, batch, lr recipe and processes; steps as in the table; "
+        "scores of the runner's best-val checkpoint (by CIDEr + BLEU-4)",
         f"- {summary['note']}",
         *([f"- target and the BLIP-2 two-stage reference from an earlier run: {summary['target']['source']}"]
           if summary["reference_row"] else []),
@@ -354,7 +358,7 @@ def plot(summary: dict, path: Path) -> None:
                    label=f"target ({summary['target']['value']:.1f})")
     ax.set_xlabel("training time, minutes (all stages, validation excluded)")
     ax.set_ylabel("val CIDEr (shapes world)")
-    ax.set_title("BLIP-2 vs EVLGen on the mini world (same steps, data, ViT and LLM)")
+    ax.set_title("BLIP-2 vs EVLGen on the mini world (same data, ViT and LLM)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

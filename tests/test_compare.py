@@ -93,6 +93,20 @@ def test_compare_two_rows_end_to_end(tmp_path):
     again = compare.main(compare_argv(tmp_path, rows, results="results2"))
     assert again["rows"] == summary["rows"]
     assert "--nproc 1" in again["command"]
+    # A run of one row takes its target and BLIP-2 line from an earlier results.json.
+    alone = compare.main(compare_argv(tmp_path, ["evlgen_half_depth"], results="results3")
+                         + ["--reference", str(tmp_path / "results/results.json")])
+    assert alone["target"]["value"] == summary["target"]["value"]
+    assert alone["reference_row"]["key"] == "blip2_two_stage"
+    assert alone["rows"][0]["blip2_two_stage_time_ratio"] == evlgen["blip2_two_stage_time_ratio"]
+
+
+def test_every_row_has_a_config_and_at_most_one_paper_row():
+    compare = load_compare()
+    for row in compare.ROWS:
+        assert all((ROW_CONFIGS / f"{name}.yaml").is_file() for name in row.configs)
+        if row.paper is not None:
+            assert compare.paper_row(row.paper)["model"] == row.paper["model"]
 
 
 @pytest.mark.slow
