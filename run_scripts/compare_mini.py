@@ -171,7 +171,7 @@ def run_row(row: Row, args, out: Path, start: float) -> dict:
 
     best_ckpt = job / "checkpoint_best.pth"
     trained = ["model.load_finetuned=True", f"model.finetuned={best_ckpt}"] + [o for o in args.options if o.startswith("model.")]
-    if stage1_checkpoint is not None and len(row.configs) > 1:
+    if len(row.configs) > 1:
         trained.append("model.stage1_checkpoint=null")  # the finetuned checkpoint holds the whole Q-Former
 
     stage(f"{row.label}: zero-shot VQA (test) and blind captions (val, shuffled soft prompts)", start)
