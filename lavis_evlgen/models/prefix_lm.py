@@ -98,11 +98,11 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
 
     def build_connector(self, config, vision_width: int) -> int:
         """Create the trainable connector modules; return the width of its output tokens."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must build its connector (PrefixLM is abstract)")
 
     def connect(self, vision_tokens: torch.Tensor):
         """Run the connector: vision_tokens [B, T, C_vit] -> (hidden [B, N, C], connector output)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must run its connector (PrefixLM is abstract)")
 
     # ---------------------------------------------------------------- bookkeeping
     def num_trainable_parameters(self) -> int:
