@@ -92,7 +92,34 @@ def test_vqa_task_scores_against_dataset_ground_truth(output_dirs):
     metrics = task.after_evaluation([{"question_id": 7, "answer": "Two"}, {"question_id": 8, "answer": "Two"}],
                                     split_name="val", epoch=0)
     assert metrics["accuracy"] == pytest.approx(50.0) and metrics["agg_metrics"] == metrics["accuracy"]
+    assert set(metrics) == {"accuracy", "num_questions", "agg_metrics"}  # no question types: no breakdown
     assert json.loads((output_dirs / "metrics_val.json").read_text()) == metrics
+
+
+class TypedDataset(GroundTruthDataset):
+    """A VQA eval dataset whose annotation records carry "question_type", as the shapes world's."""
+
+    def __init__(self, records):
+        super().__init__({r["question_id"]: r["answer"] for r in records})
+        self.annotation = records
+
+
+def test_vqa_task_accuracy_per_question_type(output_dirs):
+    records = [{"question_id": 1, "question_type": "count", "answer": ["2"] * 10},
+               {"question_id": 2, "question_type": "count", "answer": ["3"] * 10},
+               {"question_id": 3, "question_type": "color", "answer": ["red"] * 10}]
+    task = setup(EvlgenVQATask)
+    task.before_evaluation(FakeModel(), TypedDataset(records))
+    metrics = task.after_evaluation([{"question_id": q, "answer": a} for q, a in ((1, "two"), (2, "two"), (3, "red"))],
+                                    split_name="test", epoch=0)
+    assert metrics == {"accuracy": pytest.approx(200 / 3), "num_questions": 3, "agg_metrics": pytest.approx(200 / 3),
+                       "accuracy_color": 100.0, "num_questions_color": 1,
+                       "accuracy_count": 50.0, "num_questions_count": 2}
+    assert json.loads((output_dirs / "metrics_test.json").read_text()) == metrics
+
+    del records[2]["question_type"]
+    with pytest.raises(ValueError, match=r"1 annotation records lack 'question_type' .* \[3\]"):
+        task.before_evaluation(FakeModel(), TypedDataset(records))
 
 
 def test_vqa_task_errors(output_dirs):
@@ -154,6 +181,7 @@ def test_caption_metrics_and_agg(output_dirs, monkeypatch):
     metrics = task.after_evaluation([{"caption": "a dog", "image_id": 1}, {"caption": "a cow", "image_id": 2}],
                                     split_name="test", epoch="best")
     assert metrics["agg_metrics"] == pytest.approx(1.75)
+    assert not [k for k in metrics if k.startswith("scene_")]  # no grounded_scores: caption metrics only
     assert scored["res"] == {1: ["a dog"], 2: ["a cow"]} and scored["gts"] == {1: ["a dog"], 2: ["a cat"]}
     assert json.loads((output_dirs / "metrics_test.json").read_text()) == metrics
     assert (output_dirs / "result" / "test_epochbest.json").is_file()

@@ -3,7 +3,8 @@
 Both read one generated world, described by ``build_info`` in their yaml (seed, split sizes,
 image size, train fraction, storage). ``_download_data`` generates it (the main process only;
 LAVIS puts a barrier after it); ``build`` points LAVIS's annotation and image paths at it, so
-no ``/export`` cache path or download URL is ever involved.
+no ``/export`` cache path or download URL is ever involved, and tells each dataset its world root
+and split (``world_root``, ``split``).
 """
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class ShapesWorldBuilder(BaseDatasetBuilder):
         self.config = OmegaConf.merge(self.config, {"build_info": {
             "annotations": annotations, self.data_type: {"storage": str(root)}}})
         datasets = super().build()
+        for split, dataset in datasets.items():
+            # Scene-grounded scoring reads the split's scenes and world.json beside its annotations.
+            dataset.world_root, dataset.split = root, split
 
         fraction = self.config.build_info.get("fraction", 1.0)
         if fraction != 1.0:

@@ -54,13 +54,14 @@ def caption_ground_truth(dataset) -> dict:
 @registry.register_task("evlgen_captioning")
 class EvlgenCaptionTask(CaptionTask):
     """Generate a caption per image (``run.num_beams``, ``max_len``, ``min_len``, optional
-    ``prompt``) and score it with ``score_captions``; agg_metrics = CIDEr + Bleu_4."""
+    ``prompt``) and score it with ``score_captions``; agg_metrics = CIDEr + Bleu_4. A dataset with
+    ``grounded_scores(captions)`` (the shapes world) adds its scores as ``scene_<name>``."""
 
     def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, prompt=""):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)
         self.prompt = prompt
         self.ground_truth = None
-        self.dataset_name = None
+        self.dataset = None
 
     @classmethod
     def setup_task(cls, cfg):
@@ -77,7 +78,7 @@ class EvlgenCaptionTask(CaptionTask):
     def before_evaluation(self, model, dataset, **kwargs):
         super().before_evaluation(model, dataset, **kwargs)
         self.ground_truth = caption_ground_truth(dataset)
-        self.dataset_name = type(dataset).__name__
+        self.dataset = dataset
 
     def valid_step(self, model, samples):
         """Captions for one batch: [{"caption": str, "image_id": int | str}]."""
@@ -110,11 +111,15 @@ class EvlgenCaptionTask(CaptionTask):
         unknown = sorted(set(res) - set(self.ground_truth), key=str)
         if unknown:
             raise KeyError(
-                f"{len(unknown)} generated image ids have no reference in {self.dataset_name} (first {unknown[:5]})"
+                f"{len(unknown)} generated image ids have no reference in {type(self.dataset).__name__} "
+                f"(first {unknown[:5]})"
             )
         if len(res) < len(self.ground_truth):
             logging.warning("%s: scoring %d of %d images.", split_name, len(res), len(self.ground_truth))
         metrics = score_captions({i: self.ground_truth[i] for i in res}, res)
+        if hasattr(self.dataset, "grounded_scores"):
+            grounded = self.dataset.grounded_scores({i: captions[0] for i, captions in res.items()})
+            metrics.update({f"scene_{name}": value for name, value in grounded.items()})
         metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]
         logging.info("%s: %s", split_name, json.dumps(metrics))
         with open(os.path.join(registry.get_path("output_dir"), f"metrics_{split_name}.json"), "w") as f:

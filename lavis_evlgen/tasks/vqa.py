@@ -39,10 +39,37 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
 
 
+def question_types(dataset) -> dict:
+    """question_id -> "question_type" of an eval dataset's annotation records ({} when they carry
+    none, as generic VQA datasets; the shapes world's are count, color, shape, position)."""
+    records = getattr(dataset, "annotation", None) or []
+    untyped = [r.get("question_id") for r in records if "question_type" not in r]
+    if len(untyped) == len(records):
+        return {}
+    if untyped:
+        raise ValueError(f"{type(dataset).__name__}: {len(untyped)} annotation records lack 'question_type' "
+                         f"while others carry it (first question ids {untyped[:5]})")
+    return {as_id(r["question_id"]): r["question_type"] for r in records}
+
+
+def accuracy_by_type(accuracies: dict, types: dict) -> dict[str, float]:
+    """``accuracy_<type>`` (mean of ``accuracies``, question_id -> [0, 1], in %) and
+    ``num_questions_<type>`` for each question type in ``types`` (question_id -> type)."""
+    by_type = {}
+    for question_id, accuracy in accuracies.items():
+        by_type.setdefault(types[question_id], []).append(accuracy)
+    metrics = {}
+    for question_type, values in sorted(by_type.items()):
+        metrics[f"accuracy_{question_type}"] = 100.0 * sum(values) / len(values)
+        metrics[f"num_questions_{question_type}"] = len(values)
+    return metrics
+
+
 @registry.register_task("evlgen_vqa")
 class EvlgenVQATask(BaseTask):
     """``model.predict_answers`` with run_cfg ``num_beams`` (5), ``max_len`` (10), ``min_len`` (1),
-    ``prompt`` ("Question: {} Short answer:"), ``length_penalty`` (0); agg_metrics = accuracy (%)."""
+    ``prompt`` ("Question: {} Short answer:"), ``length_penalty`` (0); agg_metrics = accuracy (%).
+    Datasets whose records carry "question_type" also get accuracy_<type> and num_questions_<type>."""
 
     def __init__(self, num_beams=5, max_len=10, min_len=1, prompt="Question: {} Short answer:", length_penalty=0.0):
         super().__init__()
@@ -52,6 +79,7 @@ class EvlgenVQATask(BaseTask):
         self.prompt = prompt
         self.length_penalty = length_penalty
         self.ground_truth = None
+        self.question_types = {}
         self.dataset_name = None
 
     @classmethod
@@ -71,6 +99,7 @@ class EvlgenVQATask(BaseTask):
         if not hasattr(dataset, "ground_truth"):
             raise ValueError(f"{self.dataset_name} has no ground_truth() (question_id -> list of answers)")
         self.ground_truth = {as_id(q): list(a) for q, a in dataset.ground_truth().items()}
+        self.question_types = question_types(dataset)
 
     def valid_step(self, model, samples):
         """Answers for one batch: [{"question_id": int | str, "answer": str}]."""
@@ -105,8 +134,11 @@ class EvlgenVQATask(BaseTask):
             raise KeyError(f"{len(unknown)} question ids have no answers in {self.dataset_name} (first {unknown[:5]})")
         if len(predictions) < len(self.ground_truth):
             logging.warning("%s: scoring %d of %d questions.", split_name, len(predictions), len(self.ground_truth))
-        accuracy = 100.0 * sum(vqa_accuracy(p, self.ground_truth[q]) for q, p in predictions.items()) / len(predictions)
+        accuracies = {q: vqa_accuracy(p, self.ground_truth[q]) for q, p in predictions.items()}
+        accuracy = 100.0 * sum(accuracies.values()) / len(accuracies)
         metrics = {"accuracy": accuracy, "num_questions": len(predictions), "agg_metrics": accuracy}
+        if self.question_types:
+            metrics.update(accuracy_by_type(accuracies, self.question_types))
         logging.info("%s: VQA accuracy %.2f on %d questions", split_name, accuracy, len(predictions))
         with open(os.path.join(registry.get_path("output_dir"), f"metrics_{split_name}.json"), "w") as f:
             json.dump(metrics, f, indent=2)
