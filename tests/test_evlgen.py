@@ -1,10 +1,13 @@
 """EVLGen-image at tiny size: shapes, gradients, freezing, generation, loading through LAVIS."""
+import logging
+
 import pytest
 import torch
 from lavis.models import load_model, load_model_and_preprocess
 from omegaconf import OmegaConf
 
 import lavis_evlgen
+from lavis_evlgen.common.checkpoint import CheckpointMismatchError
 from lavis_evlgen.models import EVLGen, EVLGenConfig
 
 ARCHS = ["evlgen_opt", "evlgen_vicuna"]
@@ -134,19 +137,32 @@ def test_missing_pretrained_part_names_key_and_path(tmp_path):
     assert "no-such-llm" in str(err.value)
 
 
-def test_checkpoint_roundtrip_holds_only_trainable_weights(model, tmp_path):
+def test_checkpoint_roundtrip_holds_only_trainable_weights(model, tmp_path, caplog):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"model": trainable}, tmp_path / "ckpt.pth")
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"model": trainable}, path)
     with torch.no_grad():
         for p in model.connector.parameters():
             p.add_(1.0)
-    model.load_checkpoint(str(tmp_path / "ckpt.pth"))
+    with caplog.at_level(logging.INFO):
+        report = model.load_checkpoint(path)
     for n, p in model.named_parameters():
         if n in trainable:
             torch.testing.assert_close(p, trainable[n])
+
+    # One line, in the log and as a REPL's echo of the report: the file and counts, no key names.
+    frozen = len(model.state_dict()) - len(trainable)
+    summary = f"{path}: {len(trainable)} tensors loaded, {frozen} frozen tensors kept from the model"
+    assert [r.getMessage() for r in caplog.records] == [f"Loaded checkpoint {summary}."]
+    assert repr(report) == f"LoadReport({summary})"
+
     torch.save({"model": {**trainable, "not_a_param": torch.zeros(1)}}, tmp_path / "bad.pth")
-    with pytest.raises(Exception, match="not_a_param"):
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.pth: 1 keys .*not_a_param"):
         model.load_checkpoint(str(tmp_path / "bad.pth"))
+    del trainable[next(n for n in trainable if n.startswith("connector."))]
+    torch.save({"model": trainable}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"partial\.pth: 1 trainable keys are missing"):
+        model.load_checkpoint(str(tmp_path / "partial.pth"))
 
 
 def test_contrastive_term_adds_loss():

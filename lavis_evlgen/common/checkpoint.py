@@ -23,12 +23,21 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's keys do not fit the model."""
 
 
-@dataclass
+@dataclass(repr=False)
 class LoadReport:
-    """What ``load_trainable_state`` did: the keys it loaded, and the frozen ones the model kept."""
+    """What ``load_trainable_state`` did: the keys it loaded from ``source``, and the frozen ones
+    the model kept."""
 
+    source: str
     loaded: list[str]
     missing_frozen: list[str]
+
+    def summary(self) -> str:
+        return f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.missing_frozen)} frozen tensors kept from the model"
+
+    def __repr__(self) -> str:
+        # A REPL echoes what model.load_checkpoint(path) returns: one line, not every key name.
+        return f"LoadReport({self.summary()})"
 
 
 def frozen_keys(model: nn.Module) -> set[str]:
@@ -69,11 +78,8 @@ def load_trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             f"{source}: {len(missing_trainable)} trainable keys are missing: {missing_trainable}"
         )
     model.load_state_dict(state_dict, strict=False)
-    report = LoadReport(loaded=sorted(state_dict), missing_frozen=sorted(missing))
-    logging.info(
-        "Loaded %d tensors from %s; %d frozen tensors kept from the model.",
-        len(report.loaded), source, len(report.missing_frozen),
-    )
+    report = LoadReport(source=source, loaded=sorted(state_dict), missing_frozen=sorted(missing))
+    logging.info("Loaded checkpoint %s.", report.summary())
     return report
 
 
