@@ -10,6 +10,7 @@ import argparse
 import random
 import time
 
+import lavis_evlgen  # noqa: F401  (first: registers the plugin, quiets LAVIS's import-time warnings)
 import lavis.tasks as tasks
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
-import lavis_evlgen  # noqa: F401  (registers the models, datasets, tasks and runners)
 from lavis_evlgen.runners import init_distributed_mode
 
 
