@@ -50,8 +50,34 @@ def shared_job_id() -> str:
     return job_id[0]
 
 
-def build_runner(argv=None):
-    """Config, distributed setup, seeds, logging, task, datasets, model -> the configured runner."""
+def build_test_splits(task, cfg) -> dict:
+    """The datasets of ``run.test_splits`` only, keyed like ``task.build_datasets``: what evaluation runs on.
+
+    LAVIS's builders build the splits listed under ``build_info.annotations``, so the others are
+    dropped from the config first (nothing of theirs is downloaded or read). Builders that set
+    their splits themselves (the shapes world's) still return all of them: the rest are dropped
+    before any loader is made.
+    """
+    splits = list(cfg.run_cfg.get("test_splits", []))
+    for dataset_cfg in cfg.datasets_cfg.values():
+        annotations = dataset_cfg.get("build_info", {}).get("annotations")
+        if annotations is not None:
+            dataset_cfg.build_info.annotations = {split: ann for split, ann in annotations.items() if split in splits}
+    datasets = {
+        name: {split: dataset for split, dataset in built.items() if split in splits}
+        for name, built in task.build_datasets(cfg).items()
+    }
+    absent = [split for split in splits if not any(split in built for built in datasets.values())]
+    if absent:
+        raise KeyError(f"run.test_splits: no dataset in the config has the split(s) {absent}")
+    return datasets
+
+
+def build_runner(argv=None, test_splits_only: bool = False):
+    """Config, distributed setup, seeds, logging, task, datasets, model -> the configured runner.
+
+    ``test_splits_only`` builds only the datasets of ``run.test_splits`` (see ``build_test_splits``).
+    """
     cfg = Config(parse_args(argv))
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(cfg)
@@ -59,7 +85,7 @@ def build_runner(argv=None):
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
-    datasets = task.build_datasets(cfg)
+    datasets = build_test_splits(task, cfg) if test_splits_only else task.build_datasets(cfg)
     model = task.build_model(cfg)
 
     runner_name = cfg.run_cfg.get("runner", "runner_evlgen")

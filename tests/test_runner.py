@@ -114,6 +114,40 @@ def test_evaluate_script(tmp_path):
     assert not list(output_dir.glob("checkpoint_*.pth"))  # evaluation only
 
 
+def test_evaluate_script_builds_only_the_test_splits(tmp_path):
+    import evaluate
+
+    config = toy_plugin.write_toy_config(tmp_path)
+    for split in ("train", "val"):  # reading either would fail
+        (tmp_path / f"{split}.json").unlink()
+    evaluate.main(["--cfg-path", str(config)])
+    (output_dir,) = (tmp_path / "output").iterdir()
+    assert json.loads((output_dir / "metrics_test.json").read_text())["num_questions"] == 8
+
+
+@pytest.mark.parametrize("test_splits", [["test"], ["val", "test"]])
+def test_build_test_splits_drops_the_splits_a_builder_builds_anyway(test_splits):
+    """The shapes builders set all three splits themselves; only the evaluated ones reach the runner."""
+    import lavis.tasks
+    from lavis.common.config import Config
+
+    argv = ["--cfg-path", str(toy_plugin.REPO_ROOT / "projects/evlgen/tiny/caption.yaml"),
+            "--options", f"run.test_splits=[{','.join(test_splits)}]"]
+    cfg = Config(train.parse_args(argv))
+    datasets = train.build_test_splits(lavis.tasks.setup_task(cfg), cfg)
+    assert {name: sorted(splits) for name, splits in datasets.items()} == {"shapes_caption": sorted(test_splits)}
+
+
+def test_build_test_splits_names_a_split_no_dataset_has(tmp_path):
+    import lavis.tasks
+    from lavis.common.config import Config
+
+    cfg = Config(train.parse_args(["--cfg-path", str(toy_plugin.write_toy_config(tmp_path)),
+                                   "--options", "run.test_splits=[test,dev]"]))
+    with pytest.raises(KeyError, match=r"run.test_splits: .*\['dev'\]"):
+        train.build_test_splits(lavis.tasks.setup_task(cfg), cfg)
+
+
 def test_amp_is_off_on_cpu_with_a_warning(tmp_path, caplog):
     runner = build(tmp_path, amp=True)
     assert runner.scaler is None
