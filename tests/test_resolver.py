@@ -173,6 +173,14 @@ def test_tiny_vit_gives_257_tokens_at_224px():
     assert model(pixels).last_hidden_state.shape == (1, 257, 64)
 
 
+def test_conversion_steps_show_progress_on_stderr(capsys):
+    with packaged.conversion_steps("converting a thing", 2) as step:
+        step("reading")
+        step("saving")
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert bar.startswith("converting a thing: 100%") and "2/2" in bar and "done" in bar
+
+
 # --- packaged copies -------------------------------------------------------------------------
 
 

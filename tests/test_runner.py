@@ -30,7 +30,7 @@ from lavis_evlgen.common.checkpoint import (
     save_checkpoint,
     trainable_state_dict,
 )
-from lavis_evlgen.runners import init_distributed_mode
+from lavis_evlgen.runners import init_distributed_mode, runner_evlgen
 from lavis_evlgen.runners.runner_evlgen import EpochLoader
 
 sys.path.insert(0, str(toy_plugin.REPO_ROOT))  # train.py is a script at the repo root
@@ -146,6 +146,16 @@ def test_build_test_splits_names_a_split_no_dataset_has(tmp_path):
                                    "--options", "run.test_splits=[test,dev]"]))
     with pytest.raises(KeyError, match=r"run.test_splits: .*\['dev'\]"):
         train.build_test_splits(lavis.tasks.setup_task(cfg), cfg)
+
+
+def test_evaluation_logs_progress(tmp_path, monkeypatch, caplog):
+    runner = build(tmp_path, batch_size_eval=2)  # 8 val samples: 4 batches
+    monkeypatch.setattr(runner_evlgen, "EVAL_PROGRESS_INTERVAL_S", 0.0)  # a line after every batch but the last
+    with caplog.at_level("INFO"):
+        runner.eval_epoch("val", cur_epoch=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Evaluating val: ")]
+    assert [line.split(",")[0] for line in lines] == [f"Evaluating val: {i}/4 batches" for i in (1, 2, 3)]
+    assert all(line.endswith(" s left") for line in lines)
 
 
 def test_amp_is_off_on_cpu_with_a_warning(tmp_path, caplog):

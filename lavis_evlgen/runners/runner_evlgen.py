@@ -9,7 +9,8 @@ RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes
 - loaders: ``PrefetchLoader`` (a CUDA stream) on CUDA only. The train sampler's order is a
   function of (``run.seed``, epoch), so a resumed run sees the batches a straight run would.
 - evaluation: samples move to CUDA only on CUDA (``BaseTask.evaluation`` defaults to
-  ``cuda_enabled=True`` and LAVIS's runner does not pass it).
+  ``cuda_enabled=True`` and LAVIS's runner does not pass it); progress (batches done, time
+  left) is logged every ``EVAL_PROGRESS_INTERVAL_S``.
 - ``run.amp``: ``torch.amp.GradScaler("cuda")`` on CUDA; off with a warning on the CPU. LAVIS's
   train loop enters ``torch.cuda.amp.autocast`` only when a scaler exists, so autocast runs on
   CUDA only.
@@ -61,6 +62,9 @@ from lavis_evlgen.runners.distributed import resolve_device
 # LAVIS's dataset builders resolve relative storage paths against cache_root.
 registry.mapping["paths"]["cache_root"] = str(cache_root())
 
+# Seconds between evaluation progress lines (EvalProgress).
+EVAL_PROGRESS_INTERVAL_S = 30.0
+
 
 class SkippingSampler(DistributedSampler):
     """A DistributedSampler (with one replica it is a seeded shuffle): its order depends only on
@@ -104,6 +108,34 @@ class EpochLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+
+class EvalProgress:
+    """An evaluation loader that logs "<label>: i/N batches, elapsed, ~left" at most every
+    ``interval_s`` seconds.
+
+    LAVIS's evaluation loop (MetricLogger) prints only every 10th batch and the last, so a split of
+    a few slow batches (beam search on the CPU) shows nothing for minutes. Lines go through
+    ``logging``, which LAVIS's ``setup_logger`` keeps at WARNING on all processes but the main one.
+    """
+
+    def __init__(self, loader, label: str, interval_s: float):
+        self.loader, self.label, self.interval_s = loader, label, interval_s
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        total = len(self.loader)
+        start = last = time.monotonic()
+        for done, batch in enumerate(self.loader, start=1):
+            yield batch  # returns once the evaluation loop has processed it
+            now = time.monotonic()
+            if now - last >= self.interval_s and done < total:
+                elapsed = now - start
+                logging.info("%s: %d/%d batches, %.0f s, ~%.0f s left",
+                             self.label, done, total, elapsed, elapsed / done * (total - done))
+                last = now
 
 
 class EvlgenRunnerMixin:
@@ -226,7 +258,8 @@ class EvlgenRunnerMixin:
             model = self._reload_best_model(model)
         model.eval()
         self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+        progress = EvalProgress(data_loader, f"Evaluating {split_name}", EVAL_PROGRESS_INTERVAL_S)
+        results = self.task.evaluation(model, progress, cuda_enabled=self.cuda_enabled)
         if results is None:
             return None
         return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
