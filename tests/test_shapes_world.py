@@ -78,6 +78,9 @@ def test_other_seed_gives_other_world(world, tmp_path):
     assert sum(first[k] != second[k] for k in images) >= len(images) - 2
     assert first["captions_train.json"] != second["captions_train.json"]
     assert _load(world, "world.json")["seed"] == 0 and _load(other, "world.json")["seed"] == 1
+    # Held-out pairs do not follow the seed: every seed's test split holds the same unseen pairs.
+    assert _load(world, "world.json")["held_out_pairs"] == _load(other, "world.json")["held_out_pairs"]
+    assert {tuple(p) for p in _load(other, "world.json")["held_out_pairs"]} == set(shapes_world.HELD_OUT_PAIRS)
 
 
 def test_held_out_pairs_only_in_test(world):

@@ -5,9 +5,9 @@ gently graded background. Every reference caption names the colour and shape of 
 so a captioner that ignores the image can only guess. Each image gets five captions worded
 differently and four VQA questions (count, colour, shape, position) with ten answers each.
 
-The test split measures compositional generalisation: a few colour-shape pairs (one per shape,
-chosen from the seed) never occur in train or val, and every test image holds at least one of
-them. The same seed gives byte-identical files; nothing here touches the network.
+The test split measures compositional generalisation: four colour-shape pairs (one per shape,
+``HELD_OUT_PAIRS``, the same for every seed, so "test = unseen pairs" holds across seeds) never
+occur in train or val, and every test image holds at least one of them. The same seed gives byte-identical files; nothing here touches the network.
 
 Layout of a generated world (all paths in annotations are relative to the root)::
 
@@ -41,7 +41,8 @@ from tqdm import tqdm
 from lavis_evlgen.common.paths import cache_root
 
 # Bump whenever the generator's output changes: the cache directory name carries it.
-VERSION = 1
+# v2: held-out pairs fixed across seeds (seed 0's images and texts are unchanged).
+VERSION = 2
 SPLITS = ("train", "val", "test")
 CAPTIONS_PER_IMAGE = 5
 
@@ -113,11 +114,10 @@ ANSWER_SYNONYMS = {
 }
 
 
-def held_out_pairs(seed: int) -> list[tuple[str, str]]:
-    """The colour-shape pairs kept out of train/val: one per shape, each with a different colour."""
-    colors = list(COLORS)
-    random.Random(f"shapes-world/{seed}/held-out").shuffle(colors)
-    return list(zip(colors, SHAPES))
+# The colour-shape pairs kept out of train/val: one per shape, each with a different colour. Fixed
+# for every world seed (v1 drew them from the seed, so one seed's test pairs were another's train
+# pairs); these are the pairs v1 drew for seed 0, so the default world did not change.
+HELD_OUT_PAIRS = (("purple", "circle"), ("yellow", "square"), ("red", "triangle"), ("green", "star"))
 
 
 def sample_scene(rng: random.Random, held_out: list[tuple[str, str]], test: bool,
@@ -283,7 +283,7 @@ def manifest(seed: int, num_train: int, num_val: int, num_test: int, image_size:
         "name": "shapes_world", "version": VERSION, "seed": seed, "image_size": image_size,
         "counts": {"train": num_train, "val": num_val, "test": num_test},
         "captions_per_image": CAPTIONS_PER_IMAGE,
-        "held_out_pairs": [list(pair) for pair in held_out_pairs(seed)],
+        "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "colors": list(COLORS), "shapes": list(SHAPES), "sizes": list(SIZES), "positions": list(POSITIONS),
     }
 
@@ -301,7 +301,7 @@ def generate_shapes_world(root: Path, seed: int = 0, num_train: int = 2000, num_
     if any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the shapes world needs an empty or missing directory")
 
-    held_out = held_out_pairs(seed)
+    held_out = list(HELD_OUT_PAIRS)
     answers = sorted(set(map(str, NUM_OBJECTS)) | set(COLORS) | set(SHAPES) | set(POSITIONS))
     progress = tqdm(total=sum(info["counts"].values()), desc=f"shapes world (seed {seed})", unit="img")
     image_id = 0
