@@ -16,18 +16,19 @@ from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEva
 from lavis_evlgen.datasets.scene_scores import score_captions_against_scenes
 
 
-def subset_by_image(annotation: list[dict], fraction: float, seed: int) -> list[dict]:
-    """Keeps every record of a seeded ``round(fraction * #images)`` images (at least one).
+def subset_by_image(annotation: list[dict], fraction: float, seed: int, key: str = "image") -> list[dict]:
+    """Keeps every record of a seeded ``round(fraction * #images)`` images (at least one), an
+    image being a distinct ``record[key]`` (the video datasets pass ``key="video"``).
 
     Images are drawn as a prefix of one seeded shuffle, so a smaller fraction keeps a subset
     of a larger one. Record order is preserved.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"build_info.fraction must be in (0, 1], got {fraction!r}")
-    images = sorted({ann["image"] for ann in annotation})
+    images = sorted({ann[key] for ann in annotation})
     random.Random(f"shapes-world/{seed}/fraction").shuffle(images)
     kept = set(images[: max(1, round(fraction * len(images)))])
-    return [ann for ann in annotation if ann["image"] in kept]
+    return [ann for ann in annotation if ann[key] in kept]
 
 
 def read_scenes(path: Path) -> dict[int, list[dict]]:
