@@ -1,4 +1,5 @@
-"""The comparison command (run_scripts/compare_mini.py) end to end on tiny models and a tiny budget."""
+"""The comparison (run_scripts/compare_mini.py, lavis_evlgen/experiments/compare.py) end to end on tiny
+models and a tiny budget, over seeds."""
 import importlib.util
 import json
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
+
+from lavis_evlgen.experiments import compare as experiment
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_CONFIGS = REPO / "projects/compare/mini"
@@ -40,10 +43,11 @@ def tiny_row_configs(directory: Path) -> Path:
     return directory
 
 
-def compare_argv(tmp_path, rows, results="results"):
+def compare_argv(tmp_path, rows, results="results", seeds=(0,)):
     world = [f"datasets.shapes_caption.build_info.{k}={v}" for k, v in WORLD.items()]
     vqa_world = [f"datasets.shapes_vqa.build_info.{k}={v}" for k, v in WORLD.items()]
-    return ["--nproc", "1", "--config-dir", str(tmp_path / "configs"), "--output-dir", str(tmp_path / "out"),
+    return ["--seeds", *map(str, seeds), "--nproc", "1", "--config-dir", str(tmp_path / "configs"),
+            "--output-dir", str(tmp_path / "out"),
             "--results-dir", str(tmp_path / results), "--rows", *rows,
             "--options", "run.max_iters=4", "run.iters_per_inner_epoch=2", "run.batch_size_train=4", *EVAL, *world,
             "--vqa-options", *EVAL, *vqa_world]
@@ -55,21 +59,29 @@ def run_compare(tmp_path, rows):
     return compare, compare.main(compare_argv(tmp_path, rows))
 
 
-def check_outputs(summary, results: Path, rows):
+def check_outputs(summary, results: Path, rows, seeds=(0,)):
     assert [r["key"] for r in summary["rows"]] == rows
     for r in summary["rows"]:
-        assert [p["iters"] for p in r["curve"]] == [2, 4]
-        times = [p["train_seconds"] for p in r["curve"]]
-        assert 0 < times[0] < times[1] <= r["train_seconds"] + 0.1
-        assert r["steps"] == 4 * len(r["stages"])
-        assert all(0 <= r[split]["CIDEr"] for split in ("val", "test", "val_blind"))
-        assert 0 <= r["vqa_test_accuracy"] <= 100
+        assert r["seeds"] == list(seeds) and len(r["per_seed"]) == len(seeds)
+        for run in r["per_seed"]:
+            assert [p["iters"] for p in run["curve"]] == [2, 4]
+            times = [p["train_seconds"] for p in run["curve"]]
+            assert 0 < times[0] < times[1] <= run["train_seconds"] + 0.1
+            assert run["steps"] == 4 * len(run["stages"])
+            assert all(0 <= run[split]["CIDEr"] for split in ("val", "test", "val_blind"))
+            # Scene-grounded scores and per-type VQA ride along with every evaluation.
+            assert 0 <= run["val"]["count acc"] <= 100 and "held-out pair recall" in run["test"]
+            assert set(run["vqa"]) == {"all", "count", "colour", "shape", "position"}
+        cider = r["stats"]["val"]["CIDEr"]
+        assert cider["n"] == len(seeds)
+        assert cider["mean"] == pytest.approx(sum(run["val"]["CIDEr"] for run in r["per_seed"]) / len(seeds))
         assert all(p > 0 for p in r["trainable_params"])
     on_disk = json.loads((results / "results.json").read_text())
     assert on_disk["rows"] == summary["rows"]
     table = (results / "results.md").read_text()
     for r in summary["rows"]:
         assert r["label"] in table
+    assert "its blind twin" in table  # the verdicts section
     with Image.open(results / "convergence.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
 
@@ -80,40 +92,42 @@ def test_compare_two_rows_end_to_end(tmp_path):
     check_outputs(summary, tmp_path / "results", rows)
     blip2, evlgen = summary["rows"]
     # BLIP-2 two-stage: stage 2 started from stage 1's checkpoint; its curve starts after stage 1.
-    assert len(blip2["stages"]) == 2 and blip2["curve"][0]["train_seconds"] > blip2["stages"][0]["train_seconds"]
-    assert "blip2_stage1" in (tmp_path / "out/blip2_two_stage/blip2_stage2.log").read_text()
+    (run,) = blip2["per_seed"]
+    assert len(run["stages"]) == 2 and run["curve"][0]["train_seconds"] > run["stages"][0]["train_seconds"]
+    assert "blip2_stage1" in (tmp_path / "out/seed0/blip2_two_stage/blip2_stage2.log").read_text()
     # The target is 0.95 x BLIP-2's best val CIDEr, which BLIP-2 itself reaches by its best point.
-    assert summary["target"]["value"] == pytest.approx(0.95 * blip2["val"]["CIDEr"], abs=0.01)
-    if blip2["val"]["CIDEr"] > 0:
+    assert summary["target"]["value"] == pytest.approx(0.95 * run["val"]["CIDEr"], abs=0.01)
+    if run["val"]["CIDEr"] > 0:
         assert blip2["blip2_two_stage_time_ratio"] == 1.0
     # The paper's rows sit beside the measured ones.
     assert blip2["paper"]["coco_val_cider"] == 137.7 and evlgen["paper"]["trainable_params"] == "55M"
     assert "137.7" in (tmp_path / "results/results.md").read_text()
-    # A finished row is reused, not retrained.
-    again = compare.main(compare_argv(tmp_path, rows, results="results2"))
-    assert again["rows"] == summary["rows"]
-    assert "--nproc 1" in again["command"]
-    # A run of one row takes its target and BLIP-2 line from an earlier results.json.
-    alone = compare.main(compare_argv(tmp_path, ["evlgen_half_depth"], results="results3")
+    # A finished (row, seed) is reused, not retrained; a second seed adds runs to the mean.
+    alone = compare.main(compare_argv(tmp_path, ["evlgen_half_depth"], results="results2", seeds=(0, 1))
                          + ["--reference", str(tmp_path / "results/results.json")])
+    check_outputs(alone, tmp_path / "results2", ["evlgen_half_depth"], seeds=(0, 1))
+    assert alone["rows"][0]["per_seed"][0] == evlgen["per_seed"][0]
+    assert "--seeds 0 1" in alone["command"]
+    # A run without BLIP-2 takes its target and BLIP-2 line from an earlier results.json.
     assert alone["target"]["value"] == summary["target"]["value"]
     assert alone["reference_row"]["key"] == "blip2_two_stage"
-    assert alone["rows"][0]["blip2_two_stage_time_ratio"] == evlgen["blip2_two_stage_time_ratio"]
+    # Reusing a run made with other options is refused, naming the file.
+    with pytest.raises(FileExistsError, match="row.json was made with options"):
+        experiment.finished_run(tmp_path / "out/seed0/evlgen_half_depth", ["run.seed=7"])
 
 
 def test_every_row_has_a_config_and_at_most_one_paper_row():
-    compare = load_compare()
-    for row in compare.ROWS:
+    assert set(experiment.HEADLINE_ROWS) <= {row.key for row in experiment.ROWS}
+    for row in experiment.ROWS:
         assert all((ROW_CONFIGS / f"{name}.yaml").is_file() for name in row.configs)
         if row.paper is not None:
-            assert compare.paper_row(row.paper)["model"] == row.paper["model"]
+            assert experiment.paper_row(row.paper)["model"] == row.paper["model"]
 
 
 def test_every_row_builds_its_models(tmp_path):
     """prepare() builds each row's model(s) from its config (tiny parts) and counts what trains."""
-    compare = load_compare()
     world = [f"datasets.shapes_caption.build_info.{k}={v}" for k, v in WORLD.items()]
-    params = compare.prepare(tiny_row_configs(tmp_path / "configs"), compare.ROWS, world)
-    assert set(params) == {row.key for row in compare.ROWS}
-    assert all(len(params[row.key]) == len(row.configs) and min(params[row.key]) > 0 for row in compare.ROWS)
+    params = experiment.prepare(tiny_row_configs(tmp_path / "configs"), experiment.ROWS, world)
+    assert set(params) == {row.key for row in experiment.ROWS}
+    assert all(len(params[row.key]) == len(row.configs) and min(params[row.key]) > 0 for row in experiment.ROWS)
     assert params["evlgen_half_depth"][0] < params["evlgen_full_depth"][0] == params["evlgen_tenth_data"][0]

@@ -192,3 +192,29 @@ def test_prefix_ablation_for_blind_baselines(ablation):
 def test_bad_prefix_ablation_is_named():
     with pytest.raises(ValueError, match="blind"):
         EVLGenConfig.from_dict({"prefix_ablation": "blind"})
+
+
+def test_vit_layer_feeds_the_connector_the_output_of_that_block():
+    torch.manual_seed(0)
+    full = EVLGen.from_config(tiny_cfg("evlgen_vicuna"))
+    torch.manual_seed(0)
+    cut = EVLGen.from_config(tiny_cfg("evlgen_vicuna", vit_layer=1))
+    image = batch()["image"]
+    # The tiny ViT has 2 blocks; block 1's output is the full encoder's first hidden state.
+    expected = full.visual_encoder.model(pixel_values=image, output_hidden_states=True).hidden_states[1]
+    assert len(cut.visual_encoder.model.encoder.layer) == 1
+    torch.testing.assert_close(cut.visual_encoder(image), expected)
+    assert cut.encode_image(image).shape == full.encode_image(image).shape
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_vit_layer_out_of_range_is_named(layer):
+    with pytest.raises(ValueError, match=r"vit_layer must be in \[1, 2\]"):
+        EVLGen.from_config(tiny_cfg("evlgen_vicuna", vit_layer=layer))
+
+
+def test_vit_layer_refused_for_lavis_vits():
+    from lavis_evlgen.models.vision import build_vision_encoder
+
+    with pytest.raises(ValueError, match="vit_layer=8.*eva_clip_g"):
+        build_vision_encoder("eva_clip_g", 224, layer=8)

@@ -68,7 +68,8 @@ class BLIP2Stage1(StrictCheckpointLoading, Blip2Qformer):
         self.config = config
         self.tokenizer = build_qformer_tokenizer(config.qformer_init)
         self.visual_encoder = build_vision_encoder(
-            config.vit_model, config.image_size, config.vit_precision, config.drop_path_rate, config.use_grad_checkpoint
+            config.vit_model, config.image_size, config.vit_precision, config.drop_path_rate, config.use_grad_checkpoint,
+            config.vit_layer,
         )
         if config.freeze_vit:
             self.visual_encoder.requires_grad_(False)

@@ -48,6 +48,8 @@ class VisionConfig(ModelConfig):
     drop_path_rate: float = 0.0
     use_grad_checkpoint: bool = False
     freeze_vit: bool = True
+    # null: the ViT's output; k: the output of its block k (later blocks dropped; HF ViTs only).
+    vit_layer: int | None = None
 
 
 @dataclass
@@ -82,7 +84,8 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         super().__init__()
         self.config = config
         self.visual_encoder = build_vision_encoder(
-            config.vit_model, config.image_size, config.vit_precision, config.drop_path_rate, config.use_grad_checkpoint
+            config.vit_model, config.image_size, config.vit_precision, config.drop_path_rate, config.use_grad_checkpoint,
+            config.vit_layer,
         )
         if config.freeze_vit:
             self.visual_encoder.requires_grad_(False)

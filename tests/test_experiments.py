@@ -1,0 +1,92 @@
+"""The experiment library behind run_mini.py and probe_mini.py: statistics over seeds, tables, resume
+rules, linear probes (tiny world and model)."""
+import json
+
+import pytest
+import torch
+from lavis.models import load_model_and_preprocess
+
+from lavis_evlgen.experiments import mini, report
+from lavis_evlgen.experiments.probe import TARGETS, probe_accuracy, probe_model, scene_labels
+
+
+def test_mean_std_and_format():
+    stat = report.mean_std([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["std"] == 1.0 and stat["n"] == 3
+    assert report.fmt(stat) == "2.0 ± 1.0"
+    assert report.fmt(report.mean_std([5.0])) == "5.0"  # one seed: no spread to show
+    assert report.fmt(None) == "—"
+    with pytest.raises(ValueError):
+        report.mean_std([])
+
+
+def test_exceeds_spread():
+    a, b = report.mean_std([10.0, 12.0]), report.mean_std([15.0, 17.0])  # std 1.41 each
+    assert report.exceeds_spread(a, b)
+    assert not report.exceeds_spread(a, report.mean_std([12.0, 14.0]))
+
+
+def test_aggregate_drops_keys_missing_in_a_run():
+    stats = report.aggregate([{"x": 1.0, "y": 2.0}, {"x": 3.0}])
+    assert set(stats) == {"x"} and stats["x"]["mean"] == 2.0
+
+
+def test_caption_and_vqa_scores_name_columns():
+    metrics = {"CIDEr": 0.5, "Bleu_4": 0.25, "METEOR": 0.2, "ROUGE_L": 0.4, "scene_count_acc": 90.0,
+               "scene_pair_f1": 80.0, "agg_metrics": 0.75}
+    scores = report.caption_scores(metrics)
+    assert scores["CIDEr"] == 50.0 and scores["count acc"] == 90.0 and scores["pair F1"] == 80.0
+    assert "held-out pair recall" not in scores  # val has no held-out pairs: left out, not 0
+    assert report.vqa_scores({"accuracy": 40.0, "accuracy_color": 20.0}) == {"all": 40.0, "colour": 20.0}
+
+
+def test_seed_options_set_training_and_world_seed():
+    assert mini.seed_options(2, "shapes_vqa") == ["run.seed=2", "datasets.shapes_vqa.build_info.seed=2"]
+
+
+def _fake_result(seed, cider):
+    split = {"CIDEr": cider, "count acc": 90.0 + seed}
+    return {"seed": seed, "model_type": "mini", "options": [], "train_wall_seconds": 60, "wall_seconds": 120,
+            "scores": {"EVLGen": {"val": split, "test": split, "vqa": {"all": 30.0}},
+                       "blind (shuffled soft prompts)": {"val": split, "test": split, "vqa": {"all": 20.0}}}}
+
+
+def test_finished_seed_is_reused_only_with_the_same_settings(tmp_path):
+    assert mini.finished_seed(tmp_path, 0, "mini", []) is None
+    (tmp_path / "scores.json").write_text(json.dumps(_fake_result(0, 50.0)))
+    assert mini.finished_seed(tmp_path, 0, "mini", [])["seed"] == 0
+    with pytest.raises(FileExistsError, match="scores.json holds seed 0.*another --output-dir"):
+        mini.finished_seed(tmp_path, 0, "mini", ["model.vit_layer=5"])
+
+
+def test_summary_tables_hold_mean_and_spread():
+    results = [_fake_result(0, 50.0), _fake_result(1, 60.0)]
+    summary = {"command": "python run_scripts/run_mini.py --seeds 0 1", "date": "2026-01-01", "machine": "m",
+               "nproc": 2, "seeds": [0, 1], "wall_minutes": 4.0, "train_minutes": report.mean_std([1.0, 1.0]),
+               "scores": mini.summarize(results)}
+    text = mini.markdown(summary)
+    assert "| EVLGen, val | 55.0 ± 7.1 |" in text
+    assert "90.5 ± 0.7" in text  # count acc
+    assert "| blind (shuffled soft prompts) | 20.0 ± 0.0 |" in text
+
+
+def test_probe_accuracy_separates_signal_from_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=g)
+    signal = torch.nn.functional.one_hot(labels, 3).float() + 0.1 * torch.randn(300, 3, generator=g)
+    noise = torch.randn(300, 3, generator=g)
+    assert probe_accuracy(signal[:200], labels[:200], signal[200:], labels[200:]) > 95
+    assert probe_accuracy(noise[:200], labels[:200], noise[200:], labels[200:]) < 60
+
+
+def test_probe_model_reports_every_stage(tmp_path):
+    from lavis_evlgen.datasets.shapes_world import generate_shapes_world
+
+    world = generate_shapes_world(tmp_path / "world", seed=0, num_train=12, num_val=6, num_test=2, image_size=64)
+    labels = scene_labels(json.loads((world / "scenes_val.json").read_text()))
+    assert labels["colour set"].shape == (6, 6) and labels["count"].max() <= 2
+    torch.manual_seed(0)
+    model, vis, _ = load_model_and_preprocess("evlgen_vicuna", "tiny", is_eval=True)
+    results = probe_model(model, vis["eval"], world, num_train=12, num_val=6)
+    assert {"chance", "ViT layer 1", "ViT layer 2", "connector output", "soft prompts"} <= set(results)
+    assert all(set(scores) == set(TARGETS) for scores in results.values())
