@@ -136,8 +136,10 @@ def resolve_pretrained(name_or_path: str, config_key: str) -> str:
         except FileNotFoundError as err:
             tried += f"; packaged copy: {err}"
         else:
-            # A run resolves the same id for every model it builds: warn once per id and process.
-            log = logger.info if name_or_path in _fallbacks_announced else logger.warning
+            # A run resolves the same id for every model it builds: warn once per id, in the first
+            # process only (torchrun's other ranks resolve the same id at the same moment).
+            first_process = os.environ.get("RANK", "0") == "0"
+            log = logger.info if name_or_path in _fallbacks_announced or not first_process else logger.warning
             _fallbacks_announced.add(name_or_path)
             log("%s: %s not on the hub (%s), using its packaged copy %s", config_key, name_or_path, hub_error, local)
             return str(local)
