@@ -22,7 +22,7 @@ with warnings.catch_warnings():
 warnings.filterwarnings("ignore", r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated", FutureWarning, module=r"lavis\.")
 
 import lavis_evlgen.datasets  # noqa: F401  (registers the shapes-world builders)
-import lavis_evlgen.models  # noqa: F401  (registers evlgen_opt, evlgen_vicuna)
+import lavis_evlgen.models  # noqa: F401  (registers evlgen_opt, evlgen_vicuna, evlgen_video_*, blip2_baseline*)
 import lavis_evlgen.runners  # noqa: F401  (registers runner_evlgen, runner_evlgen_iter)
 import lavis_evlgen.tasks  # noqa: F401  (registers evlgen_captioning, evlgen_vqa)
 

@@ -1,6 +1,6 @@
 """SCST: the in-process CIDEr-D reward (against hand computation and pycocoevalcap's CiderScorer),
-the loss mode of the tiny EVLGen models (decoding knobs, re-scored log-probs, sign of the update,
-where gradients go), its config and its references file."""
+the loss mode of the tiny EVLGen models (``scst: true`` on evlgen_opt/evlgen_vicuna: decoding knobs,
+re-scored log-probs, sign of the update, where gradients go), its config and its references file."""
 import json
 import math
 import shutil
@@ -8,13 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from lavis.common.registry import registry
 from lavis.models import load_model
 from omegaconf import OmegaConf
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 import lavis_evlgen  # noqa: F401  (registers the models)
 from lavis_evlgen.common.cider_d import CiderD, tokenize
-from lavis_evlgen.models import EVLGenOPTSCST, EVLGenSCSTConfig, EVLGenVicuna, EVLGenVicunaSCST
+from lavis_evlgen.models import EVLGenConfig, EVLGenOPT, EVLGenVicuna
 from lavis_evlgen.models.scst import (
     caption_token_mask,
     main as scst_references_cli,
@@ -178,7 +179,7 @@ def refs_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(refs_file):
     torch.manual_seed(0)
-    return EVLGenVicunaSCST.from_config(tiny_scst_cfg(EVLGenVicunaSCST, refs_file))
+    return EVLGenVicuna.from_config(tiny_scst_cfg(EVLGenVicuna, refs_file))
 
 
 @pytest.fixture
@@ -194,15 +195,18 @@ def model(built, refs_file):
     built.zero_grad(set_to_none=True)
 
 
-def test_registered_and_loads_like_its_parent():
-    torch.manual_seed(0)
-    scst = load_model("evlgen_vicuna_scst", "tiny")
+def test_a_loss_mode_of_the_image_models_not_a_model_of_its_own(refs_file):
+    """SCST is a config key of evlgen_opt/evlgen_vicuna: no separate arch names, the same parameters
+    (checkpoints of either loss load into the other), the captioning loss in eval mode."""
+    assert registry.get_model_class("evlgen_vicuna_scst") is None and registry.get_model_class("evlgen_opt_scst") is None
     torch.manual_seed(0)
     plain = load_model("evlgen_vicuna", "tiny")
-    assert isinstance(scst, EVLGenVicuna) and not scst.config.scst
-    assert scst.state_dict().keys() == plain.state_dict().keys()  # checkpoints are interchangeable
-    scst.config.scst = True  # eval mode: the model's own loss whatever scst says
-    with torch.no_grad():
+    assert not plain.config.scst
+    torch.manual_seed(0)
+    scst = EVLGenVicuna.from_config(tiny_scst_cfg(EVLGenVicuna, refs_file))
+    assert scst.config.scst and type(scst) is type(plain)
+    assert scst.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():  # eval mode: the model's own loss whatever scst says
         torch.testing.assert_close(scst.eval()(samples())["loss"], plain.eval()(samples())["loss"])
 
 
@@ -219,7 +223,7 @@ def test_forward_returns_the_scst_loss_in_training_and_the_lm_loss_in_eval(model
 def test_rescored_logprobs_are_the_logprobs_generate_sampled_from():
     """Teacher-forced re-scoring sees each token at the position generate saw it (left-padded
     prompts of different lengths, both LLM families), and masks what follows the stop token."""
-    for cls in (EVLGenVicunaSCST, EVLGenOPTSCST):
+    for cls in (EVLGenVicuna, EVLGenOPT):
         torch.manual_seed(0)
         m = cls.from_config(OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny")).model,
                                             {"scst_max_len": 8}))
@@ -378,22 +382,22 @@ def test_image_ids_as_list_of_str_or_int(model):
 
 
 def test_config_validation_names_the_key():
-    assert EVLGenSCSTConfig().scst_group_size == 5 and EVLGenSCSTConfig().scst_decoding == "sample"
+    assert EVLGenConfig().scst_group_size == 5 and EVLGenConfig().scst_decoding == "sample" and not EVLGenConfig().scst
     with pytest.raises(ValueError, match="scst_references"):
-        EVLGenSCSTConfig.from_dict({"scst": True})
+        EVLGenConfig.from_dict({"scst": True})
     with pytest.raises(ValueError, match="scst_decoding"):
-        EVLGenSCSTConfig.from_dict({"scst_decoding": "greedy"})
+        EVLGenConfig.from_dict({"scst_decoding": "greedy"})
     with pytest.raises(ValueError, match="scst_group_size"):
-        EVLGenSCSTConfig.from_dict({"scst_group_size": 1})
+        EVLGenConfig.from_dict({"scst_group_size": 1})
     with pytest.raises(ValueError, match="scst_min_len"):
-        EVLGenSCSTConfig.from_dict({"scst_min_len": 9, "scst_max_len": 5})
+        EVLGenConfig.from_dict({"scst_min_len": 9, "scst_max_len": 5})
     with pytest.raises(ValueError, match="scst_top_p"):
-        EVLGenSCSTConfig.from_dict({"scst_top_p": 0.0})
+        EVLGenConfig.from_dict({"scst_top_p": 0.0})
     with pytest.raises(KeyError, match="scst_groupsize"):
-        EVLGenSCSTConfig.from_dict({"scst_groupsize": 3})
+        EVLGenConfig.from_dict({"scst_groupsize": 3})
     with pytest.raises(ValueError, match="prefix_ablation"):  # the parent's checks still run
-        EVLGenSCSTConfig.from_dict({"prefix_ablation": "blind"})
-    assert EVLGenSCSTConfig.from_dict({"tome_r": [4, 1.0]}).tome_r == (4, 1.0)  # and its from_dict
+        EVLGenConfig.from_dict({"prefix_ablation": "blind"})
+    assert EVLGenConfig.from_dict({"tome_r": [4, 1.0]}).tome_r == (4, 1.0)  # and its from_dict
 
 
 # ---------------------------------------------------------------------- the references file

@@ -4,15 +4,17 @@ LAVIS saves the trainable weights alone (the frozen ViT and LLM would be gigabyt
 reloads them with a strict ``load_state_dict`` that fails, or falls back to ``strict=False``
 and silently ignores every mismatch. ``load_trainable_state`` loads non-strictly but checks the
 keys itself: a missing key is allowed only when the model would keep its own value anyway
-(a frozen parameter, or a buffer of a module with nothing to train); everything else is an
-error that names the file.
+(a frozen parameter, or a buffer of a module with nothing to train), or when it belongs to a
+group of trainable keys the model declares may start fresh (``StrictCheckpointLoading.fresh_key_groups``:
+EVLGen-video's temporal modules, absent from an image checkpoint) and the checkpoint lacks the
+whole group; those are named in the log line. Everything else is an error that names the file.
 
 A checkpoint is ``{"model", "optimizer", "scaler", "epoch", "iters", "config", ...}``, written
 atomically and read back with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 """
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,15 +27,20 @@ class CheckpointMismatchError(RuntimeError):
 
 @dataclass(repr=False)
 class LoadReport:
-    """What ``load_trainable_state`` did: the keys it loaded from ``source``, and the frozen ones
-    the model kept."""
+    """What ``load_trainable_state`` did: the keys it loaded from ``source``, the frozen ones the
+    model kept, and the trainable ones it kept as initialised (``fresh``: group description ->
+    keys, the groups of ``may_start_fresh`` the checkpoint lacked)."""
 
     source: str
     loaded: list[str]
     missing_frozen: list[str]
+    fresh: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.missing_frozen)} frozen tensors kept from the model"
+        line = f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.missing_frozen)} frozen tensors kept from the model"
+        for reason, keys in self.fresh.items():
+            line += f"; {len(keys)} new tensors initialised by the model ({reason}): {', '.join(keys)}"
+        return line
 
     def __repr__(self) -> str:
         # A REPL echoes what model.load_checkpoint(path) returns: one line, not every key name.
@@ -59,11 +66,20 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
-def load_trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> LoadReport:
+def load_trainable_state(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    may_start_fresh: dict[str, set[str]] | None = None,
+) -> LoadReport:
     """Load a trainable-weights-only ``state_dict`` into ``model``, checking keys first.
 
+    Args:
+        may_start_fresh: {description: keys}: groups of trainable keys the checkpoint may lack,
+            each only as a whole (all of the group missing: the model keeps its initial values and
+            the report names them under the description; some of it missing: an error).
     Raises CheckpointMismatchError (naming ``source``, the file) for keys the model does not have,
-    or for missing keys that are not frozen; nothing is loaded in either case.
+    or for missing keys that are not frozen (nor a whole fresh group); nothing is loaded then.
     """
     expected = set(model.state_dict())
     unexpected = sorted(set(state_dict) - expected)
@@ -72,13 +88,20 @@ def load_trainable_state(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             f"{source}: {len(unexpected)} keys the model ({type(model).__name__}) does not have: {unexpected}"
         )
     missing = expected - set(state_dict)
-    missing_trainable = sorted(missing - frozen_keys(model))
+    missing_trainable = missing - frozen_keys(model)
+    fresh = {}
+    for reason, keys in (may_start_fresh or {}).items():
+        keys = set(keys) & expected
+        if keys and keys <= missing_trainable:
+            fresh[reason] = sorted(keys)
+            missing_trainable -= keys
     if missing_trainable:
         raise CheckpointMismatchError(
-            f"{source}: {len(missing_trainable)} trainable keys are missing: {missing_trainable}"
+            f"{source}: {len(missing_trainable)} trainable keys are missing: {sorted(missing_trainable)}"
         )
     model.load_state_dict(state_dict, strict=False)
-    report = LoadReport(source=source, loaded=sorted(state_dict), missing_frozen=sorted(missing))
+    new = {k for keys in fresh.values() for k in keys}
+    report = LoadReport(source=source, loaded=sorted(state_dict), missing_frozen=sorted(missing - new), fresh=fresh)
     logging.info("Loaded checkpoint %s.", report.summary())
     return report
 
@@ -133,9 +156,18 @@ class StrictCheckpointLoading:
                 self.load_checkpoint(cfg[key])
                 return
 
+    def fresh_key_groups(self) -> dict[str, set[str]]:
+        """Groups of trainable state-dict keys a checkpoint given to ``load_checkpoint`` may lack,
+        each as a whole: {description: keys}. None here; EVLGen-video names its temporal modules,
+        so an image checkpoint loads into it."""
+        return {}
+
     def load_checkpoint(self, url_or_filename: str) -> LoadReport:
         """Load a checkpoint ``{"model": state_dict, ...}`` holding the trainable weights.
 
-        Missing keys are allowed only for frozen parts; unexpected keys are an error.
+        Missing keys are allowed only for frozen parts and for whole ``fresh_key_groups`` (named
+        in the log line); unexpected keys are an error.
         """
-        return load_trainable_state(self, read_model_state(url_or_filename), source=str(url_or_filename))
+        return load_trainable_state(
+            self, read_model_state(url_or_filename), source=str(url_or_filename), may_start_fresh=self.fresh_key_groups()
+        )

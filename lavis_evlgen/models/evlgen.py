@@ -1,7 +1,9 @@
 """EVLGen-image: frozen ViT -> ln_vision -> Linear -> TomeFormer -> Linear -> frozen LLM.
 
 One implementation serves every LLM; ``evlgen_opt`` and ``evlgen_vicuna`` differ only in
-their model-type table. Trained in one stage with the LLM's captioning loss (method.md §2).
+their model-type table. Trained in one stage with the LLM's captioning loss (method.md §2), or,
+with ``scst: true``, with self-critical sequence training (``models/scst.py``: the config takes the
+``SCSTConfig`` keys, the model is an ``SCSTMixin``); a checkpoint of one loss loads into the other.
 """
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +16,15 @@ from torch import nn
 from lavis_evlgen.assets.resolver import resolve_pretrained
 from lavis_evlgen.common.paths import model_type_configs
 from lavis_evlgen.models.prefix_lm import PrefixLM, PrefixLMConfig
+from lavis_evlgen.models.scst import SCSTConfig, SCSTMixin
 from lavis_evlgen.models.tomeformer import TomeFormer
 from lavis_evlgen.models.vision import load_base_model
 
 
 @dataclass
-class EVLGenConfig(PrefixLMConfig):
-    """Every option of an EVLGen model, with the paper's OPT-2.7b defaults (method.md §2).
+class EVLGenConfig(SCSTConfig, PrefixLMConfig):
+    """Every option of an EVLGen model, with the paper's OPT-2.7b defaults (method.md §2), and
+    the SCST loss mode's keys (``SCSTConfig``: ``scst`` false by default).
 
     This is the one place defaults live; ``from_config`` only filters and validates keys.
     """
@@ -47,11 +51,13 @@ class EVLGenConfig(PrefixLMConfig):
         return config
 
 
-class EVLGen(PrefixLM):
+class EVLGen(SCSTMixin, PrefixLM):
     """EVLGen-image. Subclasses register a name and a model-type table.
 
     Samples: ``image`` [B, 3, H, W]; ``text_input`` list[str] (captions for training,
-    questions for VQA); optional ``prompt`` (str or list[str]).
+    questions for VQA); optional ``prompt`` (str or list[str]); ``image_id`` for SCST.
+    ``forward`` is ``SCSTMixin``'s: the SCST loss when training with ``scst: true``, else
+    ``PrefixLM.forward`` (the captioning loss, plus the contrastive term of ``supervised_loss``).
     """
 
     CONFIG_CLASS = EVLGenConfig
@@ -92,13 +98,13 @@ class EVLGen(PrefixLM):
             self.sentence_encoder.eval()
         return self
 
-    def forward(self, samples: dict) -> dict:
-        """LM loss on ``prompt + caption + "\\n"`` after the image soft prompts (labels -100 there).
+    def supervised_loss(self, prefix: torch.Tensor, connector_out, samples: dict) -> dict:
+        """LM loss on ``prompt + caption + "\\n"`` after the soft prompts (labels -100 there), plus
+        ``beta`` times the contrastive term when ``beta > 0``.
 
         Returns:
             {"loss": scalar, "loss_lm": scalar[, "loss_itc": scalar]}
         """
-        prefix, connector_out = self.encode_image(samples["image"], return_connector_output=True)
         out = self.caption_loss(prefix, samples)
         if self.config.beta > 0:
             out["loss_itc"] = self._contrastive_loss(connector_out.last_hidden_state[:, 0], samples["text_input"])

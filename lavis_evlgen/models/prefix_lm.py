@@ -5,6 +5,10 @@
 
 Subclasses build their connector in ``build_connector`` and run it in ``connect``; the LM loss,
 captioning and VQA decoding, freezing and checkpoint loading live here once.
+
+Every loss and decoder gets its soft prompts from ``encode_visual(samples)``, which reads
+``samples["image"]`` here; a model with another visual input (the video models read
+``samples["video"]``) overrides that one method.
 """
 import contextlib
 import dataclasses
@@ -126,6 +130,16 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- model
+    def encode_visual(self, samples: dict, return_connector_output: bool = False):
+        """Soft prompts of a batch's visual input: ``encode_image(samples["image"])`` here.
+
+        The one hook every loss and decoder (``forward``, ``generate``, ``predict_answers``, SCST)
+        goes through; a model fed something else (video) overrides it.
+        Returns:
+            prefix [B, N, D_llm]; also the connector's output if asked.
+        """
+        return self.encode_image(samples["image"], return_connector_output)
+
     def encode_image(self, image: torch.Tensor, return_connector_output: bool = False):
         """Soft prompts for the LLM.
 
@@ -134,27 +148,46 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         Returns:
             prefix [B, N, D_llm] (N fixed by the connector); also the connector's output if asked.
         """
+        hidden, connector_out = self.connect(self.ln_vision(self.vision_tokens(image).float()))
+        prefix = self.soft_prompts(hidden)
+        return (prefix, connector_out) if return_connector_output else prefix
+
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's tokens of a batch of images [B, 3, H, W] -> [B, N, C_vit] (CLS first; the ViT's dtype).
+
+        Autograd runs through the ViT only when something in it trains (``freeze_vit: False``, or
+        modules added to a frozen ViT such as the video models' temporal attention).
+        """
         vit_param = next(self.visual_encoder.parameters())
-        with self.maybe_autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vit):
-            tokens = self.visual_encoder(image.to(vit_param.dtype))
-        hidden, connector_out = self.connect(self.ln_vision(tokens.float()))
+        needs_grad = any(p.requires_grad for p in self.visual_encoder.parameters())
+        with self.maybe_autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            return self.visual_encoder(images.to(vit_param.dtype))
+
+    def soft_prompts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Connector output [B, N, C] -> soft prompts [B, N, D_llm] (llm_proj, then any ``prefix_ablation``)."""
         prefix = self.llm_proj(hidden).to(self.llm.dtype)
         if self.config.prefix_ablation == "zero":
             prefix = torch.zeros_like(prefix)
         elif self.config.prefix_ablation == "shuffle":
             prefix = prefix.roll(1, dims=0)
-        return (prefix, connector_out) if return_connector_output else prefix
+        return prefix
 
     def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
     def forward(self, samples: dict) -> dict:
-        """LM loss on ``prompt + caption + "\\n"`` after the image soft prompts.
+        """The model's own loss: ``supervised_loss`` after the soft prompts of ``encode_visual``.
 
         Returns:
-            {"loss": scalar, "loss_lm": scalar}
+            {"loss": scalar, "loss_lm": scalar, ...}
         """
-        return self.caption_loss(self.encode_image(samples["image"]), samples)
+        prefix, connector_out = self.encode_visual(samples, return_connector_output=True)
+        return self.supervised_loss(prefix, connector_out, samples)
+
+    def supervised_loss(self, prefix: torch.Tensor, connector_out, samples: dict) -> dict:
+        """The loss against the samples' captions: here the LM loss on ``prompt + caption + "\\n"``
+        (``caption_loss``); subclasses add terms that need the connector's output."""
+        return self.caption_loss(prefix, samples)
 
     def caption_loss(self, prefix: torch.Tensor, samples: dict) -> dict:
         """LM loss of the frozen LLM on the text after ``prefix`` [B, N, D_llm] (labels -100 there and on the prompt)."""
@@ -184,12 +217,11 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         return {"loss": loss_lm, "loss_lm": loss_lm}
 
     # ---------------------------------------------------------------- inference
-    def _generate_from_prompts(self, image: torch.Tensor, prompts: list[str], **generate_kwargs) -> list[str]:
-        """Decode after [image soft prompts, prompt tokens]; prompts are left-padded so they end together."""
-        prefix = self.encode_image(image)
+    def _generate_from_prompts(self, prefix: torch.Tensor, prompts: list[str], **generate_kwargs) -> list[str]:
+        """Decode after [soft prompts ``prefix`` [B, N, D_llm], prompt tokens]; prompts are left-padded so they end together."""
         self.tokenizer.padding_side = "left"
-        tokens = self.tokenizer(prompts, return_tensors="pt", padding="longest").to(image.device)
-        prefix_mask = torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=image.device)
+        tokens = self.tokenizer(prompts, return_tensors="pt", padding="longest").to(prefix.device)
+        prefix_mask = torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=prefix.device)
         # An empty prompt with a tokenizer that adds no BOS gives no tokens (an empty float tensor).
         inputs_embeds = torch.cat([prefix, self._embed_tokens(tokens.input_ids.long())], dim=1)
         attention_mask = torch.cat([prefix_mask, tokens.attention_mask], dim=1)
@@ -218,16 +250,17 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         num_captions: int = 1,
         temperature: float = 1.0,
     ) -> list[str]:
-        """Captions for ``samples["image"]`` [B, 3, H, W] (LAVIS's signature).
+        """Captions for the batch's visual input (``samples["image"]`` [B, 3, H, W] here; see
+        ``encode_visual``), with LAVIS's signature.
 
         ``max_length``/``min_length`` count new tokens. Returns B * num_captions strings.
         """
-        image = samples["image"]
+        prefix = self.encode_visual(samples)
         prompt = samples.get("prompt", self.config.prompt)
-        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] * prefix.size(0) if isinstance(prompt, str) else list(prompt)
         sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature, "num_beams": 1}
         return self._generate_from_prompts(
-            image,
+            prefix,
             prompts,
             **(sampling if use_nucleus_sampling else {"num_beams": num_beams}),
             max_new_tokens=max_length,
@@ -254,7 +287,7 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         """Zero-shot open-ended VQA: ``prompt.format(question)`` after the image, beam search.
 
         Args:
-            samples: ``image`` [B, 3, H, W], ``text_input`` list of B questions.
+            samples: ``image`` [B, 3, H, W] (or what ``encode_visual`` reads), ``text_input`` list of B questions.
         Returns:
             B answers.
         """
@@ -264,7 +297,7 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         questions = [questions] if isinstance(questions, str) else questions
         prompts = [prompt.format(q) for q in questions] if prompt else list(questions)
         return self._generate_from_prompts(
-            samples["image"],
+            self.encode_visual(samples),
             prompts,
             num_beams=num_beams,
             max_new_tokens=max_len,

@@ -1,11 +1,13 @@
 """Self-critical sequence training (SCST) as a loss mode of the prefix-LM models (method.md §3).
 
-With ``scst: true`` in its config, a model that mixes in ``SCSTMixin`` returns the SCST loss from
-``forward(samples)`` while training (LAVIS's runner and tasks call ``model(samples)["loss"]``, so
+With ``scst: true`` in its config, a model that mixes in ``SCSTMixin`` (every EVLGen model, image
+and video: ``evlgen_opt``, ``evlgen_vicuna``, ``evlgen_video_opt``, ``evlgen_video_vicuna``) returns
+the SCST loss from ``forward(samples)`` while training (LAVIS's runner and tasks call ``model(samples)["loss"]``, so
 they drive it unchanged); in eval mode ``forward`` keeps the model's own loss, and ``generate``
 is untouched. One step:
 
-1. soft prompts from ``encode_image`` (with gradients into the trainable connector);
+1. soft prompts from ``encode_visual(samples)`` (the image, or the video for the video models; with
+   gradients into the trainable connector and, for EVLGen-video, the temporal modules);
 2. a group of ``scst_group_size`` captions per image from the frozen LLM, without gradients:
    sampling (``scst_temperature``, ``scst_top_p``, ``scst_top_k``) or beam search (the group is
    the top ``scst_group_size`` beams of a beam search that wide);
@@ -16,8 +18,8 @@ is untouched. One step:
    under the model (temperature 1, no top-p), re-scored with a teacher-forced pass through the
    LLM after the same soft prompts, summed over the caption's tokens up to and including its stop
    token (newline or EOS; padding and anything after the stop excluded) and divided by their count.
-   Gradients reach the connector (and ln_vision, the projections) through the soft prompts; the
-   LLM and ViT stay frozen.
+   Gradients reach the connector (and ln_vision, the projections; the temporal modules of a video
+   model) through the soft prompts; the LLM and ViT stay frozen.
 
 References reach the loss through a file, ``scst_references``: JSON ``{image_id: [captions]}``
 keyed by the ``image_id`` the training samples carry. LAVIS's ``CaptionDataset`` (and the shapes
@@ -44,7 +46,7 @@ SCST_DECODINGS = ("sample", "beam")
 
 @dataclass
 class SCSTConfig:
-    """The SCST knobs; a model config inherits them (``class C(SCSTConfig, EVLGenConfig)``)."""
+    """The SCST knobs; a model config inherits them first (``class EVLGenConfig(SCSTConfig, PrefixLMConfig)``)."""
 
     # Train with the SCST loss instead of the captioning loss (training forward only).
     scst: bool = False
@@ -163,8 +165,10 @@ def scst_objective(logprobs: torch.Tensor, rewards: torch.Tensor, group_size: in
 class SCSTMixin:
     """SCST as the training loss of a ``PrefixLM`` whose config has the ``SCSTConfig`` fields.
 
-    Put it first in the bases (``class M(SCSTMixin, EVLGenVicuna)``) so its ``forward`` wraps the
-    model's. Samples: ``image`` [B, 3, H, W], ``image_id`` (B ids, tensor or list, keys of
+    Put it first in the bases (``class EVLGen(SCSTMixin, PrefixLM)``) so its ``forward`` wraps the
+    model's own (``PrefixLM.forward``; a model adds loss terms through ``supervised_loss``, not by
+    overriding ``forward``). Samples: the visual input ``encode_visual`` reads (``image`` [B, 3, H, W],
+    or ``video`` [B, C, T, H, W] for the video models), ``image_id`` (B ids, tensor or list, keys of
     ``scst_references``), optional ``prompt``; ``text_input`` is not used by the SCST loss.
     """
 
@@ -278,15 +282,14 @@ class SCSTMixin:
         if "image_id" not in samples:
             raise KeyError("SCST needs samples['image_id'] to find each image's references in scst_references")
         refs = self.scst_references_for(samples["image_id"])
-        image = samples["image"]
-        batch, k = image.size(0), cfg.scst_group_size
+        prefix = self.encode_visual(samples)
+        batch, k, device = prefix.size(0), cfg.scst_group_size, prefix.device
         if len(refs) != batch:
             raise ValueError(f"{len(refs)} image_ids for a batch of {batch} images")
         prompt = samples.get("prompt", cfg.prompt)
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
 
-        prefix = self.encode_image(image)
-        prompt_ids, prompt_mask = self._scst_prompt_tokens(prompts, image.device)
+        prompt_ids, prompt_mask = self._scst_prompt_tokens(prompts, device)
         caption_ids = self.scst_decode(prefix, prompt_ids, prompt_mask)
         caption_mask = caption_token_mask(caption_ids, self.stop_token_ids)
         text_mask = caption_mask & ~torch.isin(
@@ -297,7 +300,7 @@ class SCSTMixin:
             for ids, keep in zip(caption_ids, text_mask)
         ]
         group_refs = [r for r in refs for _ in range(k)]
-        rewards = self.scst_rewards(captions, group_refs).to(image.device)
+        rewards = self.scst_rewards(captions, group_refs).to(device)
 
         logprobs, _ = self.scst_sequence_logprobs(
             prefix.repeat_interleave(k, 0),

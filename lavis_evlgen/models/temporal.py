@@ -18,9 +18,10 @@ How a video model runs the patched ViT::
     tokens = tokens.view(B, T, *tokens.shape[1:]).mean(1)   # the paper's frame mean: [B, N, C]
 
 Training: the ViT is frozen except these modules, and it must run with autograd on (no
-``torch.no_grad`` / ``set_grad_enabled(False)`` around it, unlike ``PrefixLM.encode_image`` with
-``freeze_vit``): the loss reaches the temporal module of block k only through the frozen blocks
-after it. The ViT may stay in eval mode: the temporal modules have no dropout.
+``torch.no_grad`` / ``set_grad_enabled(False)`` around it; ``PrefixLM.vision_tokens`` turns it off
+only for a ViT with nothing to train): the loss reaches the temporal module of block k only through
+the frozen blocks after it. The ViT may stay in eval mode: the temporal modules have no dropout.
+``models/evlgen_video.py`` (EVLGen-video) runs it this way.
 
 Without ``pos_embed`` the module has no notion of frame order: it is equivariant to permuting the
 frames of a video, so after the frame mean the ViT's output is invariant to it (reversing a video
