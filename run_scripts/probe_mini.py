@@ -7,11 +7,11 @@ Without --checkpoint the trained parts are probed at initialisation. See lavis_e
 import argparse
 from pathlib import Path
 
+import lavis_evlgen  # noqa: F401  (first: registers the plugin, quiets LAVIS's import-time warnings)
 import torch
 from lavis.models import load_model_and_preprocess
 from omegaconf import OmegaConf
 
-import lavis_evlgen  # noqa: F401  (registers the plugin)
 from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
 from lavis_evlgen.experiments import report
 from lavis_evlgen.experiments.probe import TARGETS, probe_model
