@@ -39,15 +39,11 @@ Run ``python -m lavis_evlgen.datasets.shapes_video OUT_DIR`` to write one by han
 """
 import argparse
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -61,6 +57,7 @@ from lavis_evlgen.datasets.shapes_world import (
     SPLITS,
     _polygon,
     _with_article,
+    ensure_generated,
     render_scene,
 )
 
@@ -393,29 +390,9 @@ def ensure_shapes_video(root: Path | None = None, seed: int = 0, num_train: int 
     """
     settings = dict(seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, num_frames=num_frames,
                     frame_size=frame_size, fps=fps)
-    expected = manifest(**settings)
     managed = root is None
     root = shapes_video_dir(**settings) if managed else Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root.parent / f"{root.name}.lock")):
-        if (root / "world.json").is_file():
-            found = json.loads((root / "world.json").read_text())
-            if found != expected:
-                diff = sorted(k for k in expected.keys() | found.keys() if found.get(k) != expected.get(k))
-                raise ValueError(f"{root / 'world.json'} describes another world (differs in {diff}); "
-                                 f"use another storage directory or delete this one")
-            return root
-        if root.exists():
-            if not managed and any(root.iterdir()):
-                raise FileExistsError(f"{root} exists without world.json; refusing to overwrite it")
-            shutil.rmtree(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            generate_shapes_video(tmp, **settings)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return ensure_generated(root, managed, manifest(**settings), lambda tmp: generate_shapes_video(tmp, **settings))
 
 
 def _main() -> None:

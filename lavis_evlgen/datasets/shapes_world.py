@@ -355,9 +355,20 @@ def ensure_shapes_world(root: Path | None = None, seed: int = 0, num_train: int 
     A leftover incomplete cache directory is regenerated; a user-given ``root`` that holds
     something else, or a world with other settings, is an error.
     """
-    expected = manifest(seed, num_train, num_val, num_test, image_size)
     managed = root is None
     root = shapes_world_dir(seed, num_train, num_val, num_test, image_size) if managed else Path(root)
+    return ensure_generated(root, managed, manifest(seed, num_train, num_val, num_test, image_size),
+                            lambda tmp: generate_shapes_world(tmp, seed, num_train, num_val, num_test, image_size))
+
+
+def ensure_generated(root: Path, managed: bool, expected: dict, generate) -> Path:
+    """A complete generated world at ``root``, made once by ``generate(tmp_dir)`` if missing.
+
+    Shared by the image and video worlds. Generation goes to a temporary sibling renamed into
+    place, under a file lock, so concurrent processes neither race nor see half a world. A
+    leftover incomplete ``managed`` (cache) directory is regenerated; a user-given ``root`` that
+    holds something else, or a world.json other than ``expected``, is an error.
+    """
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f"{root.name}.lock")):
         if (root / "world.json").is_file():
@@ -373,7 +384,7 @@ def ensure_shapes_world(root: Path | None = None, seed: int = 0, num_train: int 
             shutil.rmtree(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
-            generate_shapes_world(tmp, seed, num_train, num_val, num_test, image_size)
+            generate(tmp)
             os.replace(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
