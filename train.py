@@ -21,6 +21,7 @@ from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
+from lavis_evlgen.datasets.feature_cache import attach_feature_cache
 from lavis_evlgen.runners import init_distributed_mode
 
 
@@ -76,6 +77,9 @@ def build_test_splits(task, cfg) -> dict:
 def build_runner(argv=None, test_splits_only: bool = False):
     """Config, distributed setup, seeds, logging, task, datasets, model -> the configured runner.
 
+    With ``run.feature_cache: True`` the datasets yield the frozen ViT's cached tokens and the model
+    reads them (``lavis_evlgen/datasets/feature_cache.py``; ``run.feature_cache_dir`` moves the cache).
+
     ``test_splits_only`` builds only the datasets of ``run.test_splits`` (see ``build_test_splits``).
     """
     cfg = Config(parse_args(argv))
@@ -87,6 +91,8 @@ def build_runner(argv=None, test_splits_only: bool = False):
     task = tasks.setup_task(cfg)
     datasets = build_test_splits(task, cfg) if test_splits_only else task.build_datasets(cfg)
     model = task.build_model(cfg)
+    if cfg.run_cfg.get("feature_cache", False):
+        datasets = attach_feature_cache(model, datasets, cfg.run_cfg.get("feature_cache_dir"))
 
     runner_name = cfg.run_cfg.get("runner", "runner_evlgen")
     runner_cls = registry.get_runner_class(runner_name)

@@ -19,12 +19,12 @@ import torch
 from lavis.models.base_model import BaseModel
 from torch import nn
 
-from lavis_evlgen.common.checkpoint import StrictCheckpointLoading
+from lavis_evlgen.common.checkpoint import ALLOW_OTHER_MODEL_KEY, StrictCheckpointLoading
 from lavis_evlgen.models.llm import build_llm
 from lavis_evlgen.models.vision import build_vision_encoder
 
-# Keys LAVIS puts in a model config that are not architecture options.
-LAVIS_BOOKKEEPING_KEYS = {"arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned"}
+# Keys of a model config that are not architecture options: LAVIS's, and the checkpoint loading's.
+LAVIS_BOOKKEEPING_KEYS = {"arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned", ALLOW_OTHER_MODEL_KEY}
 
 
 @dataclass
@@ -158,10 +158,10 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         Autograd runs through the ViT only when something in it trains (``freeze_vit: False``, or
         modules added to a frozen ViT such as the video models' temporal attention).
         """
-        vit_param = next(self.visual_encoder.parameters())
-        needs_grad = any(p.requires_grad for p in self.visual_encoder.parameters())
+        params = list(self.visual_encoder.parameters())  # none when it reads the feature cache
+        needs_grad = any(p.requires_grad for p in params)
         with self.maybe_autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            return self.visual_encoder(images.to(vit_param.dtype))
+            return self.visual_encoder(images.to(params[0].dtype) if params else images)
 
     def soft_prompts(self, hidden: torch.Tensor) -> torch.Tensor:
         """Connector output [B, N, C] -> soft prompts [B, N, D_llm] (llm_proj, then any ``prefix_ablation``)."""
