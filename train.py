@@ -17,10 +17,11 @@ import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
 from lavis.common.config import Config
-from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
+from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, is_main_process
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
+from lavis_evlgen.datasets.data_check import write_data_check
 from lavis_evlgen.datasets.feature_cache import attach_feature_cache
 from lavis_evlgen.runners import init_distributed_mode
 
@@ -98,7 +99,10 @@ def build_runner(argv=None, test_splits_only: bool = False):
     runner_cls = registry.get_runner_class(runner_name)
     if runner_cls is None:
         raise KeyError(f"run.runner: {runner_name!r} is not registered ({registry.list_runners()})")
-    return runner_cls(cfg=cfg, job_id=shared_job_id(), task=task, model=model, datasets=datasets)
+    runner = runner_cls(cfg=cfg, job_id=shared_job_id(), task=task, model=model, datasets=datasets)
+    if is_main_process():
+        write_data_check(datasets, runner.output_dir)
+    return runner
 
 
 def main(argv=None):

@@ -17,6 +17,12 @@ with warnings.catch_warnings():
     )
     import lavis  # noqa: F401
 
+# LAVIS's coco_caption_datasets (imported by ``import lavis``) sets PIL's process-wide
+# LOAD_TRUNCATED_IMAGES, so a truncated image would train as garbage; ours refuse it.
+from PIL import ImageFile  # noqa: E402
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
 # LAVIS's train loop enters torch.cuda.amp.autocast(enabled=run.amp) at every step, deprecated
 # since torch 2.4 (one FutureWarning per step where warnings repeat).
 warnings.filterwarnings("ignore", r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated", FutureWarning, module=r"lavis\.")

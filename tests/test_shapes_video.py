@@ -30,6 +30,7 @@ from lavis_evlgen.datasets.shapes_video import (
     write_mp4,
 )
 from lavis_evlgen.datasets.shapes_world import COLORS, SPLITS
+from lavis_evlgen.datasets.data_check import DataError
 from lavis_evlgen.datasets.video_datasets import BadVideoError, repeat_indices
 from lavis_evlgen.datasets.video_scene_scores import (
     EventMention,
@@ -396,7 +397,7 @@ def test_missing_unreadable_and_short_videos_are_named(damaged):
     val = _load(damaged, "captions_val.json")
     short = damaged / val[2]["video"]
     write_mp4(short, _decode(short)[:3], fps=4)
-    with pytest.raises(BadVideoError) as error:
+    with pytest.raises(DataError) as error:
         _build(damaged)
     message = str(error.value)
     assert f"video {short} has 3 frames, fewer than the 4" in message
@@ -404,12 +405,12 @@ def test_missing_unreadable_and_short_videos_are_named(damaged):
     assert f'"image_id": {val[2]["image_id"]}' in message and "short_video: repeat" in message
 
     (damaged / val[1]["video"]).write_bytes(b"not a video")
-    with pytest.raises(BadVideoError, match=rf"video {damaged / val[1]['video']} cannot be read.*annotation entry 1 "):
+    with pytest.raises(DataError, match=rf"video {damaged / val[1]['video']} cannot be read.*annotation entry 1 "):
         _build(damaged, build_info={"short_video": "repeat"})
 
     train = _load(damaged, "captions_train.json")
     (damaged / train[7]["video"]).unlink()  # clip 1: train records 5..9
-    with pytest.raises(BadVideoError, match=rf"video {damaged / train[7]['video']} is missing \(annotation entry 5 of "
+    with pytest.raises(DataError, match=rf"video {damaged / train[7]['video']} is missing \(annotation entry 5 of "
                                             rf"{damaged / 'captions_train.json'}"):
         _build(damaged)
 

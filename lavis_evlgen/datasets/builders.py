@@ -4,7 +4,9 @@ Both read one generated world, described by ``build_info`` in their yaml (seed, 
 image size, train fraction, storage). ``_download_data`` generates it (the main process only;
 LAVIS puts a barrier after it); ``build`` points LAVIS's annotation and image paths at it, so
 no ``/export`` cache path or download URL is ever involved, and tells each dataset its world root
-and split (``world_root``, ``split``).
+and split (``world_root``, ``split``). Every split's data is checked before it is returned
+(``data_check.py``; ``build_info.data_check``): first by the main process in ``_download_data``,
+which fills the manifest of decoded files, then by every process in ``build``.
 """
 from pathlib import Path
 
@@ -13,6 +15,14 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import OmegaConf
 
 from lavis_evlgen.common.paths import CONFIG_ROOT, cache_root
+from lavis_evlgen.datasets.data_check import (
+    DataCheckConfig,
+    apply_reports,
+    check_dataset,
+    check_media,
+    check_records_file,
+    read_annotation_file,
+)
 from lavis_evlgen.datasets.shapes_datasets import (
     ShapesCaptionDataset,
     ShapesCaptionEvalDataset,
@@ -49,6 +59,47 @@ class ShapesWorldBuilder(BaseDatasetBuilder):
 
     def _download_data(self):
         ensure_shapes_world(self.storage(), **self.world_settings())
+        self.check_media_first()
+
+    def check_config(self) -> DataCheckConfig:
+        return DataCheckConfig.from_dict(self.config.build_info.get("data_check"))
+
+    def split_files(self, root: Path) -> dict[str, tuple[list[Path], list[Path]]]:
+        """split -> (its annotation files, those of them that hold its records)."""
+        out = {}
+        for split in ("train", "val", "test"):
+            dataset_cls = self.train_dataset_cls if split == "train" else self.eval_dataset_cls
+            files = [root / name for name in self.annotation_files(split)]
+            out[split] = files, files[:1] if dataset_cls.RECORDS_IN_FIRST_FILE else files
+        return out
+
+    def check_media_first(self) -> None:
+        """The main process decodes every media file once into the manifest, before the others build."""
+        check = self.check_config()
+        if not check.manifest:
+            return
+        root = self.world_root()
+        media_key = self.train_dataset_cls.MEDIA_KEY
+        paths = [str(root / record[media_key]) for _, record_files in self.split_files(root).values()
+                 for path in record_files for record in check_records_file(path)
+                 if isinstance(record.get(media_key), str)]
+        check_media(paths, media_key, check)
+
+    def parse_annotations(self, root: Path) -> dict[str, list[tuple[str, int]]]:
+        """Parses every annotation file (errors name the file); split -> (records file, records)."""
+        sizes = {}
+        for split, (files, record_files) in self.split_files(root).items():
+            for path in files:
+                if path not in record_files:
+                    read_annotation_file(path)
+            sizes[split] = [(str(path), len(check_records_file(path))) for path in record_files]
+        return sizes
+
+    def registered_name(self) -> str:
+        return next(name for name, cls in registry.mapping["builder_name_mapping"].items() if cls is type(self))
+
+    def prepare_check(self, datasets: dict) -> None:
+        """Called on the built datasets before they are checked (the video builder sets its clip rules)."""
 
     def annotation_files(self, split: str) -> list[str]:
         """The files (under the world root) ``split`` reads, in its dataset class's order.
@@ -62,6 +113,8 @@ class ShapesWorldBuilder(BaseDatasetBuilder):
         if not (root / "world.json").is_file():
             raise FileNotFoundError(f"no shapes world at {root} (world.json missing): "
                                     f"build_datasets() generates it, build() alone does not")
+        check = self.check_config()
+        sizes = self.parse_annotations(root)  # before LAVIS reads them, which would name no file
         annotations = {split: {"storage": [str(root / name) for name in self.annotation_files(split)]}
                        for split in ("train", "val", "test")}
         self.config = OmegaConf.merge(self.config, {"build_info": {
@@ -70,6 +123,12 @@ class ShapesWorldBuilder(BaseDatasetBuilder):
         for split, dataset in datasets.items():
             # Scene-grounded scoring reads the split's scenes and world.json beside its annotations.
             dataset.world_root, dataset.split = root, split
+        self.prepare_check(datasets)
+        reports = {split: check_dataset(dataset, f"{self.registered_name()} {split}", sizes[split], check)
+                   for split, dataset in datasets.items()}
+        apply_reports(datasets, reports, check)
+        for split, dataset in datasets.items():
+            dataset.data_check = reports[split]
 
         fraction = self.config.build_info.get("fraction", 1.0)
         if fraction != 1.0:

@@ -13,6 +13,7 @@ from pathlib import Path
 from lavis.datasets.datasets.caption_datasets import CaptionDataset, CaptionEvalDataset
 from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEvalDataset
 
+from lavis_evlgen.datasets.data_check import CheckedMedia
 from lavis_evlgen.datasets.scene_scores import score_captions_against_scenes
 
 
@@ -46,7 +47,7 @@ def read_held_out_pairs(world_file: Path) -> list[tuple[str, str]]:
     return [tuple(pair) for pair in world["held_out_pairs"]]
 
 
-class ShapesCaptionDataset(CaptionDataset):
+class ShapesCaptionDataset(CheckedMedia, CaptionDataset):
     """Train captions, one record per caption: samples {"image": [3, H, W], "text_input": str,
     "image_id": int (dense index of the image)}."""
 
@@ -58,8 +59,10 @@ class ShapesCaptionDataset(CaptionDataset):
         self.img_ids = {image_id: n for n, image_id in enumerate(unique_ids)}
 
 
-class ShapesCaptionEvalDataset(CaptionEvalDataset):
+class ShapesCaptionEvalDataset(CheckedMedia, CaptionEvalDataset):
     """Val/test images: samples {"image": [3, H, W], "image_id": int, "instance_id": str}."""
+
+    MANY_TEXTS = True  # each record holds all the image's reference captions
 
     # Set by the shapes builder: the world directory and which of its splits this is.
     world_root: Path | None = None
@@ -85,9 +88,11 @@ class ShapesCaptionEvalDataset(CaptionEvalDataset):
         return score_captions_against_scenes(captions, {i: scenes[i] for i in image_ids}, held_out)
 
 
-class ShapesVQADataset(COCOVQADataset):
+class ShapesVQADataset(CheckedMedia, COCOVQADataset):
     """Train questions: samples {"image": [3, H, W], "text_input": question, "answers": [str],
     "weights": [float]}, batched by LAVIS's ``VQADataset.collater``."""
+
+    TEXT_KEY = "question"
 
     def keep_fraction(self, fraction: float, seed: int) -> None:
         """Drops all but a seeded ``fraction`` of the images (with all their questions)."""
@@ -95,10 +100,13 @@ class ShapesVQADataset(COCOVQADataset):
         self._add_instance_ids()
 
 
-class ShapesVQAEvalDataset(COCOVQAEvalDataset):
+class ShapesVQAEvalDataset(CheckedMedia, COCOVQAEvalDataset):
     """Val/test questions: samples {"image": [3, H, W], "text_input": question, "question_id": int,
     "instance_id": str}. ``ann_paths`` = [records, answer list, VQA-v2 questions, VQA-v2
     annotations], so LAVIS's ``vqa`` task finds ``answer_list`` and its scorer's files."""
+
+    TEXT_KEY = "question"
+    RECORDS_IN_FIRST_FILE = True
 
     def ground_truth(self) -> dict[int, list[str]]:
         """question_id -> its ten answers, as written by the generator."""

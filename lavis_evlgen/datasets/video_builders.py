@@ -4,8 +4,8 @@ As the image world's builders (``builders.ShapesWorldBuilder``): ``build_info`` 
 ``configs/datasets/shapes_video/caption.yaml`` describes one generated world (seed, split sizes,
 frames, frame size, fps, train fraction, storage); ``_download_data`` generates it (the main
 process only; LAVIS puts a barrier after it); ``build`` points LAVIS's annotation and video paths
-at it and tells each dataset its world root and split. Then every split checks its clips
-(``video_datasets.CheckedVideos.check_videos``) in the ``build_info.short_video`` mode.
+at it and tells each dataset its world root and split; every split is checked as the image
+world's (``data_check.py``), clips shorter than ``n_frms`` in the ``build_info.short_video`` mode.
 """
 from pathlib import Path
 
@@ -39,13 +39,18 @@ class ShapesVideoCaptionBuilder(ShapesWorldBuilder):
 
     def _download_data(self):
         ensure_shapes_video(self.storage(), **self.world_settings())
+        self.check_media_first()
 
     def annotation_files(self, split: str) -> list[str]:
         return [f"captions_{split}.json"]
 
-    def build(self):
-        datasets = super().build()
+    def prepare_check(self, datasets: dict) -> None:
         short_video = self.config.build_info.get("short_video") or "error"
         for dataset in datasets.values():
-            dataset.check_videos(short_video, name="shapes_video_caption")
+            dataset.set_short_video(short_video)
+
+    def build(self):
+        datasets = super().build()
+        for dataset in datasets.values():
+            dataset.log_short_videos(self.registered_name())
         return datasets

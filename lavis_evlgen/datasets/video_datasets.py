@@ -8,11 +8,13 @@ batch's "video" is [B, C, T, H, W]. Frames come from the split's LAVIS video pro
 decodes with decord and gives T = its ``n_frms``.
 
 Bad clips are caught, not passed on as wrong-length tensors (LAVIS's ``load_video`` silently
-returns ``min(n_frms, frames in the file)`` frames): ``check_videos`` (run by the builder for every
-split) reads each clip's frame count once and raises ``BadVideoError`` naming the file and its
-annotation entry for a missing or unreadable clip, and for one shorter than ``n_frms`` unless the
-mode is "repeat" (``build_info.short_video``): then its frames are repeated up to ``n_frms``
-(``repeat_indices``), and the split logs how many clips that concerns, once, when it is built.
+returns ``min(n_frms, frames in the file)`` frames): the builder checks every split with
+``data_check.check_dataset`` (each clip opened, its frames counted and its last frame decoded
+once); a missing or unreadable clip, and one shorter than ``n_frms`` unless the mode is "repeat"
+(``build_info.short_video``), is a bad record named with its file and annotation entry (an error,
+or skipped with ``build_info.data_check.on_bad: skip``). In "repeat" mode a short clip's frames are
+repeated up to ``n_frms`` (``repeat_indices``), and the split logs how many clips that concerns,
+once, when it is built (``log_short_videos``).
 """
 import json
 import logging
@@ -26,6 +28,7 @@ from lavis.common.registry import registry
 from lavis.datasets.datasets.video_caption_datasets import VideoCaptionDataset, VideoCaptionEvalDataset
 from lavis.processors.alpro_processors import AlproVideoTrainProcessor
 
+from lavis_evlgen.datasets.data_check import CheckedMedia, DataError
 from lavis_evlgen.datasets.shapes_datasets import subset_by_image
 from lavis_evlgen.datasets.video_processors import VideoHeadtailProcessor
 from lavis_evlgen.datasets.video_scene_scores import score_video_captions_against_scenes
@@ -33,7 +36,7 @@ from lavis_evlgen.datasets.video_scene_scores import score_video_captions_agains
 SHORT_VIDEO_MODES = ("error", "repeat")
 
 
-class BadVideoError(RuntimeError):
+class BadVideoError(DataError):
     """A clip that is missing, unreadable or too short, named with its annotation entry."""
 
 
@@ -53,8 +56,10 @@ def read_frames(path: str, indices: list[int], image_size: int) -> torch.Tensor:
     return frames.permute(3, 0, 1, 2).float()
 
 
-class CheckedVideos:
+class CheckedVideos(CheckedMedia):
     """What the shapes video datasets share: clip paths, the frame-count check and loading."""
+
+    MEDIA_KEY = "video"
 
     # The split's name, set by the builder (for messages and grounded scores).
     split: str | None = None
@@ -66,7 +71,7 @@ class CheckedVideos:
             ann.setdefault("ann_entry", index)
         self.short_video = "error"
         self.video_lengths: dict[str, int] = {}  # path -> frames, filled as clips are checked or loaded
-        self.short_videos: dict[str, int] = {}  # path -> frames, of the clips check_videos found short
+        self.short_videos: dict[str, int] = {}  # path -> frames, of the clips the check found short
 
     def video_path(self, ann: dict) -> str:
         return os.path.join(self.vis_root, ann["video"])
@@ -108,48 +113,54 @@ class CheckedVideos:
         self.video_lengths[path] = length
         return length
 
+    @staticmethod
+    def _too_short_reason(path: str, length: int, wanted: int) -> str:
+        return (f"video {path} has {length} frames, fewer than the {wanted} the processor samples (n_frms); "
+                f"set build_info.short_video: repeat to repeat its frames instead")
+
     def _too_short(self, path: str, length: int, wanted: int, ann: dict) -> BadVideoError:
-        return BadVideoError(f"video {path} has {length} frames, fewer than the {wanted} the processor samples "
-                             f"(n_frms) ({self.where(ann)}); set build_info.short_video: repeat to repeat its "
-                             f"frames instead")
+        return BadVideoError(f"{self._too_short_reason(path, length, wanted)} ({self.where(ann)})")
 
-    def check_videos(self, short_video: str = "error", name: str = "") -> dict[str, int]:
-        """Reads every clip's frame count once; returns the short ones {path: frames}.
-
-        Missing or unreadable clips, and short ones in "error" mode, raise BadVideoError (the
-        first found; the message names the file and its annotation entry). In "repeat" mode the
-        short clips are logged once (count and the first few) and padded when loaded.
-        """
+    def set_short_video(self, short_video: str = "error") -> None:
+        """The short-clip rule for the check and for loading; clears what earlier checks found."""
         if short_video not in SHORT_VIDEO_MODES:
             raise ValueError(f"build_info.short_video must be one of {SHORT_VIDEO_MODES}, got {short_video!r}")
         wanted = self.num_frames()
         if wanted is not None and wanted % 2 and isinstance(self.vis_processor, (AlproVideoTrainProcessor,
                                                                                   VideoHeadtailProcessor)):
             raise ValueError(f"{type(self.vis_processor).__name__} samples headtail: n_frms must be even, got {wanted}")
-        self.short_video, self.video_lengths = short_video, {}
-        short, first_record = {}, {}
-        for ann in self.annotation:
-            path = self.video_path(ann)
-            if path in first_record:
-                continue
-            first_record[path] = ann
-            length = self.video_length(ann)
-            if wanted is not None and length < wanted:
-                if short_video == "error":
-                    raise self._too_short(path, length, wanted, ann)
-                short[path] = length
-        self.short_videos = short
-        if short and not all(hasattr(self.vis_processor, a) for a in ("transform", "image_size")):
+        if short_video == "repeat" and not all(hasattr(self.vis_processor, a) for a in ("transform", "image_size")):
             raise ValueError(f"short_video: repeat needs a LAVIS video processor with .transform and .image_size "
                              f"(alpro_video_*), not {type(self.vis_processor).__name__}")
-        if short:
-            label = f"{name} {self.split}".strip() or type(self).__name__
-            examples = ", ".join(f"{os.path.relpath(path, self.vis_root)} ({frames} frames)"
-                                 for path, frames in list(short.items())[:3])
-            logging.warning("%s: %d of %d videos have fewer than %d frames; their frames are repeated "
-                            "(build_info.short_video: repeat): %s%s", label, len(short), len(first_record), wanted,
-                            examples, ", ..." if len(short) > 3 else "")
-        return short
+        self.short_video, self.video_lengths, self.short_videos = short_video, {}, {}
+
+    def remember_media(self, statuses: dict[str, tuple[str | None, int | None]]) -> None:
+        self.video_lengths = {path: frames for path, (error, frames) in statuses.items() if error is None}
+
+    def media_problem(self, record: dict, status: tuple[str | None, int | None]) -> str | None:
+        """The clip's check result, and the short-clip rule: an error in "error" mode, else noted."""
+        error, length = status
+        wanted = self.num_frames()
+        if error or wanted is None or length >= wanted:
+            return error
+        path = self.video_path(record)
+        if self.short_video == "error":
+            return self._too_short_reason(path, length, wanted)
+        self.short_videos[path] = length
+        return None
+
+    def log_short_videos(self, name: str = "") -> None:
+        """Logs, once, how many clips of the split have their frames repeated ("repeat" mode)."""
+        short = self.short_videos
+        if not short:
+            return
+        label = f"{name} {self.split}".strip() or type(self).__name__
+        total = len({self.video_path(ann) for ann in self.annotation})
+        examples = ", ".join(f"{os.path.relpath(path, self.vis_root)} ({frames} frames)"
+                             for path, frames in list(short.items())[:3])
+        logging.warning("%s: %d of %d videos have fewer than %d frames; their frames are repeated "
+                        "(build_info.short_video: repeat): %s%s", label, len(short), total, self.num_frames(),
+                        examples, ", ..." if len(short) > 3 else "")
 
     def load_video(self, ann: dict) -> torch.Tensor:
         """The record's clip through the split's processor: float [C, T, H, W], T = n_frms."""
@@ -200,6 +211,8 @@ class ShapesVideoCaptionDataset(CheckedVideos, VideoCaptionDataset):
 
 class ShapesVideoCaptionEvalDataset(CheckedVideos, VideoCaptionEvalDataset):
     """Val/test clips: samples {"video": [C, T, H, W], "image_id": int, "instance_id": str}."""
+
+    MANY_TEXTS = True  # each record holds all the clip's reference captions
 
     # Set by the shapes video builder: the world directory (split: see CheckedVideos).
     world_root: Path | None = None
