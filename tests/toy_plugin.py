@@ -7,10 +7,12 @@ script, this file is ``train.py`` with the toy registered (what torchrun needs):
 """
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -44,13 +46,15 @@ def _default_config(name: str, config: dict) -> str:
 
 @registry.register_model("evlgen_toy")
 class ToyModel(BaseModel):
-    """image [B, 4] -> frozen Linear(4, H) -> ReLU -> trainable Linear(H, 1); MSE to label [B].
-    The frozen layer has a buffer, to exercise checkpoints that omit frozen state."""
+    """image [B, 4] -> frozen Linear(4, H) -> ReLU -> dropout -> trainable Linear(H, 1); MSE to label [B].
+    The frozen layer has a buffer, to exercise checkpoints that omit frozen state; ``dropout``
+    (default 0) draws from torch's generator in training."""
 
     PRETRAINED_MODEL_CONFIG_DICT: dict[str, str] = {}  # built from project configs only
 
-    def __init__(self, hidden_dim: int = 8, seed: int = 0):
+    def __init__(self, hidden_dim: int = 8, seed: int = 0, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         self.frozen = nn.Linear(IN_DIM, hidden_dim)
         self.head = nn.Linear(hidden_dim, 1)
         self.frozen.register_buffer("scale", torch.full((hidden_dim,), 0.5))
@@ -62,7 +66,8 @@ class ToyModel(BaseModel):
 
     def score(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 4] -> [B]."""
-        return self.head(F.relu(self.frozen(image)) * self.frozen.scale).squeeze(-1)
+        hidden = F.dropout(F.relu(self.frozen(image)) * self.frozen.scale, self.dropout, self.training)
+        return self.head(hidden).squeeze(-1)
 
     def forward(self, samples: dict) -> dict:
         return {"loss": F.mse_loss(self.score(samples["image"]), samples["label"])}
@@ -81,23 +86,27 @@ class ToyModel(BaseModel):
 
     @classmethod
     def from_config(cls, cfg):
-        return cls(hidden_dim=int(cfg.get("hidden_dim", 8)), seed=int(cfg.get("seed", 0)))
+        return cls(hidden_dim=int(cfg.get("hidden_dim", 8)), seed=int(cfg.get("seed", 0)), dropout=float(cfg.get("dropout", 0.0)))
 
 
 class ToyDataset(Dataset):
     """Records {"x": [4], "y": float, "image_id": int, "question_id": int, "question": str};
-    ``ground_truth()`` gives captions (kind "caption") or answers (kind "vqa")."""
+    ``ground_truth()`` gives captions (kind "caption") or answers (kind "vqa"). ``noise`` (default
+    0) adds an augmentation drawn from NumPy's and Python's generators to x."""
 
-    def __init__(self, records: list[dict], kind: str):
-        self.records, self.kind = records, kind
+    def __init__(self, records: list[dict], kind: str, noise: float = 0.0):
+        self.records, self.kind, self.noise = records, kind, noise
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
+        x = torch.tensor(r["x"])
+        if self.noise:
+            x = x + self.noise * torch.from_numpy(np.random.randn(IN_DIM) + random.gauss(0.0, 1.0)).float()
         return {
-            "image": torch.tensor(r["x"]),
+            "image": x,
             "label": torch.tensor(r["y"]),
             "image_id": r["image_id"],
             "question_id": r["question_id"],
@@ -115,7 +124,7 @@ class ToyDataset(Dataset):
 
 @registry.register_builder("evlgen_toy_data")
 class ToyBuilder(BaseDatasetBuilder):
-    """Reads ``build_info.annotations.<split>.storage`` (absolute json paths); ``build_info.kind``."""
+    """Reads ``build_info.annotations.<split>.storage`` (absolute json paths); ``build_info.kind``, ``build_info.noise``."""
 
     train_dataset_cls = eval_dataset_cls = ToyDataset
 
@@ -129,7 +138,7 @@ class ToyBuilder(BaseDatasetBuilder):
     def build(self) -> dict:
         info = self.config.build_info
         return {
-            split: ToyDataset(json.loads(Path(ann.storage).read_text()), info.get("kind", "caption"))
+            split: ToyDataset(json.loads(Path(ann.storage).read_text()), info.get("kind", "caption"), float(info.get("noise", 0.0)))
             for split, ann in info.annotations.items()
         }
 
@@ -154,8 +163,9 @@ def write_toy_data(root: Path, n_train: int = 16, n_eval: int = 8, seed: int = 0
     return paths
 
 
-def write_toy_config(root: Path, task: str = "evlgen_vqa", **run_overrides) -> Path:
-    """A complete LAVIS run config on the toy data (written by ``write_toy_data`` first)."""
+def write_toy_config(root: Path, task: str = "evlgen_vqa", model: dict | None = None, noise: float = 0.0, **run_overrides) -> Path:
+    """A complete LAVIS run config on the toy data (written by ``write_toy_data`` first); ``model``
+    adds model options (e.g. dropout), ``noise`` the data augmentation's."""
     paths = write_toy_data(root)
     run = {
         "task": task,
@@ -186,11 +196,12 @@ def write_toy_config(root: Path, task: str = "evlgen_vqa", **run_overrides) -> P
         **run_overrides,
     }
     config = {
-        "model": {"arch": "evlgen_toy", "model_type": "default"},
+        "model": {"arch": "evlgen_toy", "model_type": "default", **(model or {})},
         "datasets": {
             "evlgen_toy_data": {
                 "build_info": {
                     "kind": "caption" if task == "evlgen_captioning" else "vqa",
+                    "noise": noise,
                     "annotations": {split: {"storage": path} for split, path in paths.items()},
                 }
             }

@@ -20,7 +20,7 @@ from lavis.models.blip2_models.blip2 import LayerNorm
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from torch import nn
 
-from lavis_evlgen.common.checkpoint import CheckpointMismatchError, StrictCheckpointLoading, read_model_state
+from lavis_evlgen.common.checkpoint import CheckpointMismatchError, StrictCheckpointLoading, check_shapes, read_model_state
 from lavis_evlgen.common.paths import model_type_configs
 from lavis_evlgen.models.prefix_lm import ModelConfig, PrefixLM, PrefixLMConfig, VisionConfig
 from lavis_evlgen.models.qformer import build_qformer, build_qformer_tokenizer
@@ -201,8 +201,8 @@ class BLIP2(PrefixLM):
         """Start from a ``blip2_baseline`` (stage-1) checkpoint: ln_vision, Q-Former and queries.
 
         Stage-1-only heads (``STAGE1_ONLY_KEYS``) are dropped; any other key the model lacks, or
-        a trainable key (other than the new ``llm_proj``) the checkpoint lacks, is an error.
-        Returns the loaded keys.
+        a trainable key (other than the new ``llm_proj``) the checkpoint lacks, or a tensor of
+        another shape, is an error raised before anything is loaded. Returns the loaded keys.
         """
         state = read_model_state(url_or_filename)
         own = self.state_dict()
@@ -219,6 +219,7 @@ class BLIP2(PrefixLM):
         )
         if missing:
             raise CheckpointMismatchError(f"{url_or_filename}: {len(missing)} Q-Former keys are missing: {missing[:8]}")
+        check_shapes(own, loaded, url_or_filename)
         self.load_state_dict(loaded, strict=False)
         logging.info("BLIP-2 stage 2: loaded %d stage-1 tensors from %s (dropped %d stage-1-only)",
                      len(loaded), url_or_filename, len(state) - len(loaded))

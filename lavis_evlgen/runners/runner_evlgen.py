@@ -6,8 +6,9 @@ RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes
 - ``model``: LAVIS returns None when the model already sits on the device and gives DDP
   ``device_ids`` on the CPU; here DDP gets ``device_ids`` on CUDA only, and
   ``run.find_unused_parameters`` (default False).
-- loaders: ``PrefetchLoader`` (a CUDA stream) on CUDA only. The train sampler's order is a
-  function of (``run.seed``, epoch), so a resumed run sees the batches a straight run would.
+- loaders: ``PrefetchLoader`` (a CUDA stream) on CUDA only. The train sampler's order, and the
+  seed the train loader gives its workers, are functions of (``run.seed``, rank, epoch), so a
+  resumed run sees the batches a straight run would.
 - evaluation: samples move to CUDA only on CUDA (``BaseTask.evaluation`` defaults to
   ``cuda_enabled=True`` and LAVIS's runner does not pass it); progress (batches done, time
   left) is logged every ``EVAL_PROGRESS_INTERVAL_S``.
@@ -15,9 +16,14 @@ RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes
   train loop enters ``torch.cuda.amp.autocast`` only when a scaler exists, so autocast runs on
   CUDA only.
 - barriers only when torch.distributed is initialized (a plain single process has none).
-- checkpoints: trainable weights, optimizer, scaler, position and best metric, written
-  atomically, with ``checkpoint_latest.pth`` every (inner) epoch; ``run.resume_ckpt_path``
-  continues the run; reloads go through ``load_trainable_state`` (never silently non-strict).
+- checkpoints: trainable weights, the model's arch and type, optimizer, scaler, position, best
+  metric and every rank's RNG states (captured when the (inner) epoch's training ends; validation
+  then draws nothing from the training's RNGs), written atomically, with
+  ``checkpoint_latest.pth`` every (inner) epoch; ``run.keep_checkpoints`` bounds the numbered
+  ones. ``run.resume_ckpt_path`` continues the run exactly; reloads go through
+  ``load_trainable_state`` (never silently non-strict, nothing loaded unless everything fits).
+- non-finite losses: the optimizer is wrapped in a ``NonFiniteGuard`` that skips such steps,
+  up to ``run.max_nonfinite_steps`` in a row, then stops the run (see ``nonfinite.py``).
 - ``run.output_dir`` is relative to the working directory (LAVIS joins it to its package dir).
 
 Importing this module also registers LAVIS's LR schedulers (they live in
@@ -29,6 +35,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lavis.common.optims  # noqa: F401  (registers linear_warmup_cosine_lr, linear_warmup_step_lr)
@@ -51,19 +58,54 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataset import ChainDataset
 
 from lavis_evlgen.common.checkpoint import (
+    allows_other_model,
+    check_checkpoint_model,
     load_checkpoint,
     load_trainable_state,
+    prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
     trainable_state_dict,
 )
 from lavis_evlgen.common.paths import cache_root
+from lavis_evlgen.common.rng import gather_rng_states, loader_seed, restore_rank_rng_state, restore_rng_state
 from lavis_evlgen.runners.distributed import resolve_device
+from lavis_evlgen.runners.nonfinite import NonFiniteGuard
 
 # LAVIS's dataset builders resolve relative storage paths against cache_root.
 registry.mapping["paths"]["cache_root"] = str(cache_root())
 
 # Seconds between evaluation progress lines (EvalProgress).
 EVAL_PROGRESS_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """The runners' own ``run.*`` options, with their defaults.
+
+    max_nonfinite_steps: optimizer steps with a non-finite loss or gradient skipped in a row
+        (each counted in the train stats as ``nonfinite_steps_skipped``) before the run stops;
+        0 stops at the first.
+    keep_checkpoints: how many numbered checkpoints (``checkpoint_<epoch | iters>.pth``, written
+        when there are no valid splits) to keep, the latest; null keeps all.
+        ``checkpoint_latest.pth`` and ``checkpoint_best.pth`` are always kept.
+    """
+
+    max_nonfinite_steps: int = 0
+    keep_checkpoints: int | None = None
+
+    @classmethod
+    def from_run_cfg(cls, run_cfg) -> "RunnerOptions":
+        """Read from the run config; a value of the wrong type or range names its key."""
+        minimum = {"max_nonfinite_steps": 0, "keep_checkpoints": 1}
+        values = {}
+        for f in fields(cls):
+            value = run_cfg.get(f.name, f.default)
+            if not (value is None and f.default is None) and (isinstance(value, bool) or not isinstance(value, int) or value < minimum[f.name]):
+                allowed = f"an integer >= {minimum[f.name]}" + (" or null" if f.default is None else "")
+                raise ValueError(f"run.{f.name}: expected {allowed}, got {value!r}")
+            values[f.name] = value
+        return cls(**values)
 
 
 class SkippingSampler(DistributedSampler):
@@ -81,11 +123,13 @@ class SkippingSampler(DistributedSampler):
 
 class EpochLoader:
     """An endless iterator over a map-style train loader, one pass per epoch, with
-    ``sampler.set_epoch`` before each pass. Starts at ``start_epoch``, skipping its first
-    ``skip_batches`` batches. ``epoch`` and ``len`` (batches per pass) as LAVIS's IterLoader."""
+    ``sampler.set_epoch`` and the loader's ``generator`` seeded by ``loader_seed`` before each
+    pass. Starts at ``start_epoch``, skipping its first ``skip_batches`` batches. ``epoch`` and
+    ``len`` (batches per pass) as LAVIS's IterLoader."""
 
-    def __init__(self, loader, sampler: SkippingSampler, batch_size: int, start_epoch: int = 0, skip_batches: int = 0):
-        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
+    def __init__(self, loader, sampler: SkippingSampler, generator: torch.Generator, batch_size: int,
+                 start_epoch: int = 0, skip_batches: int = 0):
+        self.loader, self.sampler, self.generator, self.batch_size = loader, sampler, generator, batch_size
         self.batches_per_epoch = len(loader)
         self.epoch = start_epoch
         self._batches = self._begin_epoch(skip_batches)
@@ -93,6 +137,7 @@ class EpochLoader:
     def _begin_epoch(self, skip_batches: int):
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip = skip_batches * self.batch_size
+        self.generator.manual_seed(loader_seed(self.sampler.seed, self.sampler.rank, self.epoch))
         return iter(self.loader)
 
     def __next__(self):
@@ -149,7 +194,10 @@ class EvlgenRunnerMixin:
 
     def __init__(self, cfg, task, model, datasets, job_id):
         super().__init__(cfg, task, model, datasets, job_id)
+        self.options = RunnerOptions.from_run_cfg(cfg.run_cfg)
         self._best = {"agg_metrics": -math.inf, "position": None}
+        self._guard: NonFiniteGuard | None = None
+        self._rng_states: list[dict] | None = None  # every rank's, when the last training span ended
         if cfg.run_cfg.get("amp", False) and not self.cuda_enabled:
             logging.warning("run.amp is on but the device is the CPU: training in fp32 (bf16 autocast is ~7x slower on CPU).")
 
@@ -179,6 +227,15 @@ class EvlgenRunnerMixin:
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    @property
+    def optimizer(self) -> NonFiniteGuard:
+        """LAVIS's optimizer, behind a ``NonFiniteGuard`` (what the train loop and the checkpoints see)."""
+        if self._guard is None:
+            self._guard = NonFiniteGuard(
+                super().optimizer, self.unwrap_dist_model(self.model), self.options.max_nonfinite_steps, self.device
+            )
+        return self._guard
 
     @property
     def scaler(self):
@@ -221,6 +278,7 @@ class EvlgenRunnerMixin:
             # Streams shard, shuffle and batch themselves; they have no resumable position.
             return iter(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=self.cuda_enabled))
 
+        generator = torch.Generator()  # the loader's own: see loader_seed
         if is_train:
             sampler = SkippingSampler(
                 dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=int(self.config.run_cfg.seed)
@@ -237,13 +295,14 @@ class EvlgenRunnerMixin:
             sampler=sampler,
             collate_fn=collate_fn,
             drop_last=is_train,
+            generator=generator,
         )
         if self.cuda_enabled:
             loader = PrefetchLoader(loader)  # overlaps host-to-GPU copies on a side CUDA stream
         if not is_train:
             return loader
         start_epoch, skip_batches = self._train_position(len(loader)) if resumable else (0, 0)
-        return EpochLoader(loader, sampler, batch_size, start_epoch, skip_batches)
+        return EpochLoader(loader, sampler, generator, batch_size, start_epoch, skip_batches)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -280,27 +339,54 @@ class EvlgenRunnerMixin:
             position_stats = {self._position_key: position, f"best_{self._position_key}": self._best["position"]}
             self.log_stats({**val_log, **position_stats}, split_name)
 
+    # ------------------------------------------------------------------ training spans
+    def _end_training_span(self, stats: dict) -> dict:
+        """After an (inner) epoch's training, on every rank: note every rank's RNG states (what the
+        checkpoints of this position carry) and the skipped non-finite steps (into ``stats``)."""
+        self._rng_states = gather_rng_states(self.cuda_enabled)
+        stats["nonfinite_steps_skipped"] = self.optimizer.pop_skipped()
+        return stats
+
+    def _rewind_rng(self) -> None:
+        """Back to the RNG states of the end of training: validation leaves no trace on the
+        training's random draws, so a run resumed from this position draws what this one will."""
+        if self._rng_states is not None:
+            restore_rng_state(self._rng_states[get_rank()], self.cuda_enabled)
+
     # ------------------------------------------------------------------ checkpoints
     @main_process
     def _save_checkpoint(self, position: int, is_best: bool = False, latest: bool = False):
-        """checkpoint_{best | latest | position}.pth in the output dir (main process only)."""
+        """checkpoint_{best | latest | position}.pth in the output dir (main process only); a
+        numbered one prunes the older ones to ``run.keep_checkpoints``."""
         name = "best" if is_best else "latest" if latest else position
         path = self.output_dir / f"checkpoint_{name}.pth"
+        model_cfg = self.config.model_cfg
         checkpoint = {
             "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
+            "arch": model_cfg.get("arch"),
+            "model_type": model_cfg.get("model_type"),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config.to_dict(),
             "best": dict(self._best),
+            "rng": self._rng_states,
             **self._position_state(position),
         }
         save_checkpoint(checkpoint, path)
         logging.info("Saved %s (%s %d).", path, self._position_key, position)
+        if name == position and self.options.keep_checkpoints is not None:
+            for old in prune_checkpoints(self.output_dir, self.options.keep_checkpoints):
+                logging.info("Deleted %s (run.keep_checkpoints=%d).", old, self.options.keep_checkpoints)
 
     def _load_checkpoint(self, url_or_filename):
-        """Resume: trainable weights, optimizer, scaler, best metric and position."""
+        """Resume: trainable weights, optimizer, scaler, best metric, RNG states and position,
+        from a checkpoint of the same arch and model type (unless model.allow_other_model_checkpoint)."""
+        source = str(url_or_filename)
+        remove_stale_temporaries(Path(url_or_filename).parent)
         checkpoint = load_checkpoint(url_or_filename, required=("model", "optimizer", self._position_key))
-        load_trainable_state(self.unwrap_dist_model(self.model), checkpoint["model"], source=str(url_or_filename))
+        model_cfg = self.config.model_cfg
+        check_checkpoint_model(checkpoint, model_cfg.get("arch"), model_cfg.get("model_type"), source, allows_other_model(model_cfg))
+        load_trainable_state(self.unwrap_dist_model(self.model), checkpoint["model"], source=source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler") is not None:
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -310,6 +396,8 @@ class EvlgenRunnerMixin:
         source_best = Path(url_or_filename).parent / "checkpoint_best.pth"
         if is_main_process() and source_best.is_file() and source_best.resolve() != (self.output_dir / "checkpoint_best.pth").resolve():
             shutil.copy2(source_best, self.output_dir / "checkpoint_best.pth")
+        self._rng_states = checkpoint.get("rng")
+        restore_rank_rng_state(self._rng_states, source, self.cuda_enabled)
         self._restore_position(checkpoint)
         logging.info("Resumed from %s after %s %d.", url_or_filename, self._position_key, checkpoint[self._position_key])
 
@@ -370,8 +458,9 @@ class RunnerEvlgen(EvlgenRunnerMixin, RunnerBase):
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
                 logging.info("Start training epoch %d.", cur_epoch)
-                self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                self.log_stats(split_name="train", stats=self._end_training_span(self.train_epoch(cur_epoch)))
             self._validate(cur_epoch, position=cur_epoch)
+            self._rewind_rng()
             if self.evaluate_only:
                 last_epoch = cur_epoch
                 break
@@ -416,8 +505,9 @@ class RunnerEvlgenIter(EvlgenRunnerMixin, RunnerIter):
             end_iters = start_iters + self.iters_per_inner_epoch
             if not self.evaluate_only:
                 logging.info("Start training iters %d-%d of %d.", start_iters, end_iters, self.max_iters)
-                self.log_stats(split_name="train", stats=self.train_iters(self.cur_epoch, start_iters))
+                self.log_stats(split_name="train", stats=self._end_training_span(self.train_iters(self.cur_epoch, start_iters)))
             self._validate(self._progress(end_iters), position=end_iters)
+            self._rewind_rng()
             if self.evaluate_only:
                 break
             if not self.valid_splits:
