@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
 import torch.distributed as dist
-from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, is_main_process
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
+from lavis_evlgen.common.run_config import DEFAULT_RUNNER, RunConfig
 from lavis_evlgen.datasets.data_check import write_data_check
 from lavis_evlgen.datasets.feature_cache import attach_feature_cache
 from lavis_evlgen.runners import init_distributed_mode
@@ -83,7 +83,7 @@ def build_runner(argv=None, test_splits_only: bool = False):
 
     ``test_splits_only`` builds only the datasets of ``run.test_splits`` (see ``build_test_splits``).
     """
-    cfg = Config(parse_args(argv))
+    cfg = RunConfig(parse_args(argv))  # names and image sizes checked before anything is built
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(cfg)
     setup_logger()  # after the distributed setup: only rank 0 logs at INFO
@@ -95,10 +95,7 @@ def build_runner(argv=None, test_splits_only: bool = False):
     if cfg.run_cfg.get("feature_cache", False):
         datasets = attach_feature_cache(model, datasets, cfg.run_cfg.get("feature_cache_dir"))
 
-    runner_name = cfg.run_cfg.get("runner", "runner_evlgen")
-    runner_cls = registry.get_runner_class(runner_name)
-    if runner_cls is None:
-        raise KeyError(f"run.runner: {runner_name!r} is not registered ({registry.list_runners()})")
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", DEFAULT_RUNNER))  # checked by RunConfig
     runner = runner_cls(cfg=cfg, job_id=shared_job_id(), task=task, model=model, datasets=datasets)
     if is_main_process():
         write_data_check(datasets, runner.output_dir)

@@ -5,6 +5,7 @@ their model-type table. Trained in one stage with the LLM's captioning loss (met
 with ``scst: true``, with self-critical sequence training (``models/scst.py``: the config takes the
 ``SCSTConfig`` keys, the model is an ``SCSTMixin``); a checkpoint of one loss loads into the other.
 """
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from lavis_evlgen.assets.resolver import resolve_pretrained
 from lavis_evlgen.common.paths import model_type_configs
+from lavis_evlgen.models.merge import capped_merges
 from lavis_evlgen.models.prefix_lm import PrefixLM, PrefixLMConfig
 from lavis_evlgen.models.scst import SCSTConfig, SCSTMixin
 from lavis_evlgen.models.tomeformer import TomeFormer
@@ -77,6 +79,18 @@ class EVLGen(SCSTMixin, PrefixLM):
         )
         self.vision_proj = nn.Linear(vision_width, self.connector.hidden_size)
         return self.connector.hidden_size
+
+    def soft_prompt_count(self, num_vision_tokens: int) -> int:
+        """The TomeFormer's output count; a warning when an r exceeds half of a layer's tokens, where
+        ToMe's matching caps it (README, "Reliability")."""
+        counts = self.connector.token_counts(num_vision_tokens)
+        capped = capped_merges(num_vision_tokens, self.connector.r_schedule, protected=int(self.connector.class_token))
+        if capped:
+            logging.warning("tome_r: %s; a layer merges at most half of its tokens (CLS aside), so r is capped: "
+                            "tokens %s", ", ".join(f"layer {k} asks r={r} of {counts[k - 1]} tokens, merges {m}"
+                                                   for k, r, m in capped),
+                            " -> ".join(map(str, counts)))
+        return counts[-1]
 
     def connect(self, vision_tokens: torch.Tensor):
         """vision_tokens [B, T, C_vit] -> (merged tokens [B, N, C], TomeFormer output); N = output_token_count(T)."""

@@ -90,6 +90,11 @@ class EVLGenVideo(EVLGen):
             if config.freeze_vit:
                 freeze_except_temporal(self.visual_encoder)
 
+    def soft_prompt_count(self, num_vision_tokens: int) -> int:
+        """``concat`` mode puts the soft prompts of ``num_frames`` frames side by side."""
+        per_frame = super().soft_prompt_count(num_vision_tokens)
+        return per_frame * self.config.num_frames if self.config.video_mode == "concat" else per_frame
+
     # ---------------------------------------------------------------- checkpoints
     def fresh_key_groups(self) -> dict[str, set[str]]:
         """The temporal modules' keys may start fresh, as a whole: an EVLGen-image checkpoint has

@@ -169,6 +169,14 @@ def _check_r(value, setting) -> None:
         raise ValueError(f"parse_r: r values must be >= 0, got {value} in r={setting!r}")
 
 
+def capped_merges(num_tokens: int, r_schedule: List[int], protected: int = 1) -> List[Tuple[int, int, int]]:
+    """(layer, r asked, r merged) for every layer whose r exceeds half its unprotected tokens,
+    where bipartite_soft_matching caps it (layers count from 1)."""
+    counts = merged_token_counts(num_tokens, r_schedule, protected)
+    return [(k + 1, r, counts[k] - counts[k + 1]) for k, r in enumerate(r_schedule)
+            if r > (counts[k] - protected) // 2]
+
+
 def merged_token_counts(num_tokens: int, r_schedule: List[int], protected: int = 1) -> List[int]:
     """Token counts through a merging stack: [num_tokens, after layer 1, ..., after last layer].
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from lavis_evlgen.common.checkpoint import ALLOW_OTHER_MODEL_KEY, StrictCheckpointLoading
 from lavis_evlgen.models.llm import build_llm
-from lavis_evlgen.models.vision import build_vision_encoder
+from lavis_evlgen.models.vision import build_vision_encoder, vision_token_count
 
 # Keys of a model config that are not architecture options: LAVIS's, and the checkpoint loading's.
 LAVIS_BOOKKEEPING_KEYS = {"arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned", ALLOW_OTHER_MODEL_KEY}
@@ -74,6 +74,27 @@ class PrefixLMConfig(VisionConfig):
             raise ValueError(f"prefix_ablation must be null, 'zero' or 'shuffle', got {self.prefix_ablation!r}")
 
 
+def learned_position_limit(llm: nn.Module) -> int | None:
+    """``max_position_embeddings`` of an LLM with a learned position table (OPT, GPT-2), which an
+    index beyond it crashes; None for rotary ones (LLaMA), which compute any position."""
+    learned = any(isinstance(m, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1] for name, m in llm.named_modules())
+    return getattr(llm.config, "max_position_embeddings", None) if learned else None
+
+
+def check_llm_positions(llm: nn.Module, config: PrefixLMConfig, num_vision_tokens: int,
+                        num_soft_prompts: int | None) -> None:
+    """ValueError when soft prompts + ``max_txt_len`` text tokens exceed the LLM's learned position
+    embeddings (an IndexError deep inside the LLM otherwise)."""
+    limit = learned_position_limit(llm)
+    if num_soft_prompts is None or limit is None or num_soft_prompts + config.max_txt_len <= limit:
+        return
+    raise ValueError(f"{num_soft_prompts} soft prompts + max_txt_len={config.max_txt_len} text tokens = "
+                     f"{num_soft_prompts + config.max_txt_len} positions exceed the LLM {config.llm_model!r}'s "
+                     f"max_position_embeddings={limit} (the ViT {config.vit_model!r} gives {num_vision_tokens} "
+                     f"tokens at model.image_size={config.image_size}); lower image_size or max_txt_len, or merge "
+                     f"more tokens")
+
+
 class PrefixLM(StrictCheckpointLoading, BaseModel):
     """A frozen LLM conditioned on soft prompts computed from a frozen ViT by a trainable connector.
 
@@ -93,10 +114,13 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         )
         if config.freeze_vit:
             self.visual_encoder.requires_grad_(False)
+        num_vision_tokens = vision_token_count(self.visual_encoder, config.vit_model, config.image_size)
         self.ln_vision = nn.LayerNorm(self.visual_encoder.num_features)
         connector_width = self.build_connector(config, self.visual_encoder.num_features)
+        num_soft_prompts = self.soft_prompt_count(num_vision_tokens)
 
         self.llm, self.tokenizer = build_llm(config.llm_model, config.llm_tokenizer, config.llm_precision)
+        check_llm_positions(self.llm, config, num_vision_tokens, num_soft_prompts)
         self.llm.requires_grad_(False)
         self.llm_proj = nn.Linear(connector_width, self.llm.config.hidden_size)
         # Captions end with "\n" (as in BLIP-2/EVLGen); generation stops there or at EOS.
@@ -106,6 +130,11 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
     def build_connector(self, config, vision_width: int) -> int:
         """Create the trainable connector modules; return the width of its output tokens."""
         raise NotImplementedError(f"{type(self).__name__} must build its connector (PrefixLM is abstract)")
+
+    def soft_prompt_count(self, num_vision_tokens: int) -> int | None:
+        """Soft prompts per sample for ``num_vision_tokens`` ViT tokens per image, or None when the
+        connector does not say (then the LLM's positions are not checked up front)."""
+        return None
 
     def connect(self, vision_tokens: torch.Tensor):
         """Run the connector: vision_tokens [B, T, C_vit] -> (hidden [B, N, C], connector output)."""

@@ -13,6 +13,8 @@ from torch import nn
 from lavis_evlgen.assets.resolver import resolve_pretrained
 
 LAVIS_VITS = ("eva_clip_g", "clip_L")
+# Patch size of LAVIS's ViTs (both ViT-?/14); they build position embeddings for the image size asked.
+LAVIS_VIT_PATCH = 14
 
 
 def load_base_model(path: str) -> nn.Module:
@@ -40,21 +42,44 @@ class HFVisionEncoder(nn.Module):
     shape in its last blocks (README, "Where colour was lost").
     """
 
-    def __init__(self, model: nn.Module, layer: int | None = None):
+    def __init__(self, model: nn.Module, layer: int | None = None, image_size: int | None = None):
         super().__init__()
         # A full CLIP checkpoint loads as CLIPModel; its vision tower is what we want.
         self.model = getattr(model, "vision_model", model)
         self.num_features = self.model.config.hidden_size
         # ViT/DINOv2 can run at a resolution other than the checkpoint's; ask for it when supported.
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        # DINOv2 always interpolates (no flag); others only when asked, or not at all.
+        self._any_size = self._interpolate or hasattr(getattr(self.model, "embeddings", None), "interpolate_pos_encoding")
         self.layer = layer
+        # The resolution the model is built for (config key image_size); forward refuses others.
+        self.image_size = image_size
         if layer is not None:
             blocks = self.model.encoder.layer
             if not 1 <= layer <= len(blocks):
                 raise ValueError(f"vit_layer must be in [1, {len(blocks)}] (the ViT's blocks) or null, got {layer!r}")
             self.model.encoder.layer = blocks[:layer]
 
+    def num_tokens(self, image_size: int, name: str) -> int:
+        """Tokens (CLS, registers, patches) the ViT gives for square images of ``image_size`` px;
+        ValueError naming the numbers when the size does not fit its patches or position embeddings."""
+        config = self.model.config
+        patch = config.patch_size
+        if image_size % patch:
+            raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size {patch} of the ViT "
+                             f"{name!r}: {image_size % patch} px of each side would be dropped; use "
+                             f"{image_size - image_size % patch} or {image_size - image_size % patch + patch}")
+        if not self._any_size and image_size != config.image_size:
+            raise ValueError(f"model.image_size={image_size}: the ViT {name!r} has position embeddings for "
+                             f"{config.image_size} px ({(config.image_size // patch) ** 2} patches) and cannot "
+                             f"interpolate them; set model.image_size (and the processors' image_size) to "
+                             f"{config.image_size}")
+        return (image_size // patch) ** 2 + 1 + getattr(config, "num_register_tokens", 0)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.image_size is not None and tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"images of {tuple(image.shape[-2:])} px reach a ViT built for model.image_size="
+                             f"{self.image_size}: the processors' image_size must match it")
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         if self.layer is None:
             return self.model(pixel_values=image, **kwargs).last_hidden_state
@@ -96,7 +121,7 @@ def build_vision_encoder(
         encoder = create_clip_vit_L(image_size, use_grad_checkpoint, precision)
     else:
         path = resolve_pretrained(vit_model, config_key="vit_model")
-        encoder = HFVisionEncoder(load_base_model(path), layer)
+        encoder = HFVisionEncoder(load_base_model(path), layer, image_size)
         if use_grad_checkpoint and encoder.model.supports_gradient_checkpointing:
             encoder.model.gradient_checkpointing_enable()
         if precision == "fp16":
@@ -104,3 +129,14 @@ def build_vision_encoder(
     logging.info("vision encoder %s%s: %d features per token", vit_model,
                  "" if layer is None else f" (output of block {layer})", encoder.num_features)
     return encoder
+
+
+def vision_token_count(encoder: nn.Module, vit_model: str, image_size: int) -> int:
+    """Tokens per image of an encoder from ``build_vision_encoder`` at ``image_size`` px (checked:
+    a multiple of the patch size that its position embeddings cover)."""
+    if isinstance(encoder, HFVisionEncoder):
+        return encoder.num_tokens(image_size, vit_model)
+    if image_size % LAVIS_VIT_PATCH:
+        raise ValueError(f"model.image_size={image_size} is not a multiple of the patch size {LAVIS_VIT_PATCH} of "
+                         f"{vit_model!r}")
+    return (image_size // LAVIS_VIT_PATCH) ** 2 + 1

@@ -1,0 +1,96 @@
+"""A run's LAVIS config, checked before anything is built (train.py, evaluate.py).
+
+LAVIS's ``Config`` looks every name up in its registry and fails on an unknown one with
+``AttributeError: 'NoneType' ...`` or a bare assertion, and its ``build_model_config`` looks
+``--options model.model_type=NAME`` up under a key that never exists, so the yaml's model type is
+built while the run records NAME. ``RunConfig`` is LAVIS's ``Config`` with:
+
+- ``check_names``: model arch and type, datasets (and their config type), task and runner, from
+  the yaml merged with ``--options``, each must be registered; the error names the key, the value,
+  where it came from, and the registered names;
+- ``model.arch`` / ``model.model_type`` given by ``--options`` choose the model defaults loaded;
+- ``check_image_sizes``: every dataset processor's ``image_size`` equals ``model.image_size`` (the
+  ViT and its token count are built for that size; the model checks it against its patches and
+  position embeddings, and its soft prompts against the LLM's positions, when built).
+"""
+from lavis.common.config import Config
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+# train.py's runner when run.runner is not set.
+DEFAULT_RUNNER = "runner_evlgen"
+
+
+def _unknown(key: str, value, where: str, known) -> KeyError:
+    return KeyError(f"{key}: {value!r} ({where}) is not registered; registered: {sorted(known)}")
+
+
+def check_names(config, option_keys: set[str], cfg_path: str) -> None:
+    """KeyError for the first unknown arch, model type, dataset (or dataset config type), task or
+    runner in ``config`` (the yaml merged with the options; ``option_keys``: the keys the options set)."""
+    def where(key: str) -> str:
+        return "from --options" if any(k == key or k.startswith(key + ".") for k in option_keys) else f"in {cfg_path}"
+
+    model = config.get("model") or {}
+    arch = model.get("arch")
+    model_cls = registry.get_model_class(arch) if arch is not None else None
+    if model_cls is None:
+        raise _unknown("model.arch", arch, where("model.arch"), registry.mapping["model_name_mapping"])
+    model_type = model.get("model_type")
+    types = getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {})
+    try:  # the class decides (LAVIS's asserts the type is in its table; a class may build its own)
+        model_cls.default_config_path(model_type=model_type)
+    except (AssertionError, KeyError) as error:
+        raise KeyError(f"model.model_type: {model_type!r} ({where('model.model_type')}) is not a model type of "
+                       f"{arch!r}; its types: {sorted(types)}") from error
+    datasets = config.get("datasets") or {}
+    if not datasets:
+        raise KeyError(f"{cfg_path}: no datasets (the config needs a 'datasets' section)")
+    for name, dataset_cfg in datasets.items():
+        builder = registry.get_builder_class(name)
+        if builder is None:
+            raise _unknown(f"datasets.{name}", name, where(f"datasets.{name}"), registry.mapping["builder_name_mapping"])
+        config_type = (dataset_cfg or {}).get("type", "default")
+        try:
+            builder.default_config_path(type=config_type)
+        except (AssertionError, KeyError) as error:
+            raise KeyError(f"datasets.{name}.type: {config_type!r} ({where(f'datasets.{name}.type')}) is not a config "
+                           f"type of {name!r}; its types: {sorted(getattr(builder, 'DATASET_CONFIG_DICT', {}))}") from error
+    run = config.get("run") or {}
+    task = run.get("task")
+    if registry.get_task_class(task) is None:
+        raise _unknown("run.task", task, where("run.task"), registry.mapping["task_name_mapping"])
+    runner = run.get("runner", DEFAULT_RUNNER)
+    if registry.get_runner_class(runner) is None:
+        raise _unknown("run.runner", runner, where("run.runner"), registry.mapping["runner_name_mapping"])
+
+
+def check_image_sizes(config) -> None:
+    """ValueError when a dataset's processor makes images of another size than ``model.image_size``."""
+    model_size = config.model.get("image_size")
+    if model_size is None:
+        return
+    for name, dataset_cfg in config.get("datasets", {}).items():
+        for split, processor in (dataset_cfg.get("vis_processor") or {}).items():
+            size = (processor or {}).get("image_size")
+            if size is not None and size != model_size:
+                raise ValueError(f"datasets.{name}.vis_processor.{split}.image_size={size} but model.image_size="
+                                 f"{model_size}: the ViT, its token count and the soft prompts are built for "
+                                 f"{model_size} px images; set both to the same size")
+
+
+class RunConfig(Config):
+    """LAVIS's Config, with names and image sizes checked and the model chosen by --options honoured."""
+
+    def __init__(self, args):
+        dot_list = self._convert_to_dot_list(args.options or [])
+        raw = OmegaConf.merge(OmegaConf.load(args.cfg_path), OmegaConf.from_dotlist(dot_list))
+        check_names(raw, {item.split("=", 1)[0] for item in dot_list}, args.cfg_path)
+        super().__init__(args)
+        check_image_sizes(self.config)
+
+    @staticmethod
+    def build_model_config(config, **kwargs):
+        # LAVIS reads kwargs["model.model_type"], a key the nested options never have.
+        chosen = {key: value for key, value in (kwargs.get("model") or {}).items() if key in ("arch", "model_type")}
+        return Config.build_model_config(OmegaConf.merge(config, {"model": chosen}))
