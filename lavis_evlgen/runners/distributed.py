@@ -4,9 +4,16 @@ LAVIS's ``dist_utils.init_distributed_mode`` always picks nccl and calls
 ``torch.cuda.set_device``, and its ``SmoothedValue.synchronize_between_processes`` (called at
 the end of every training epoch) builds its all-reduce tensor on CUDA; both fail on a machine
 without a GPU. This module is the one place that replaces them.
+
+It also ties every torchrun worker to its launcher (``exit_with_parent``): torchrun starts its
+workers in sessions of their own, so a ``kill -9`` of the launcher's process group left them
+training and writing into the run directory.
 """
 import datetime
+import logging
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,14 +54,37 @@ def _synchronize_between_processes(meter: SmoothedValue) -> None:
     meter.count, meter.total = int(t[0].item()), t[1].item()
 
 
+# Seconds between a worker's looks at its parent (how long it may outlive a killed launcher).
+PARENT_POLL_S = 0.5
+
+
+def exit_with_parent(poll_s: float = PARENT_POLL_S) -> threading.Thread:
+    """Ends this process (``os._exit``: no cleanup that could still write) within ``poll_s`` of its
+    parent's death, seen as a change of ``os.getppid()`` (the orphan is re-parented).
+
+    A daemon thread, not ``prctl(PR_SET_PDEATHSIG)``: that signal fires when the parent *thread*
+    that started the child ends, which torchrun's agent does not promise to outlive its workers.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.error("parent process %d is gone (launcher killed?): worker %d exits", parent, os.getpid())
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def init_distributed_mode(run_cfg) -> None:
     """Set up torch.distributed from torchrun's environment, writing the result into ``run_cfg``.
 
     Resolves ``run.device`` (auto -> cuda | cpu). Under ``torch.distributed.run`` (RANK,
-    WORLD_SIZE, LOCAL_RANK set) joins the process group: nccl with ``set_device(LOCAL_RANK)`` on
-    CUDA, gloo on the CPU. Otherwise a single process: ``distributed`` False (``cuda:N`` selects
-    GPU N). Sets ``device``,
-    ``distributed``, ``rank``, ``world_size``, ``gpu`` (the local rank) and ``dist_backend``.
+    WORLD_SIZE, LOCAL_RANK set) exits with its launcher (``exit_with_parent``) and joins the
+    process group: nccl with ``set_device(LOCAL_RANK)`` on CUDA, gloo on the CPU. Otherwise a
+    single process: ``distributed`` False (``cuda:N`` selects GPU N). Sets ``device``, ``distributed``, ``rank``, ``world_size``, ``gpu`` (the local rank) and ``dist_backend``.
     ``run.dist_timeout_min`` (default 120) bounds every collective: rank 0 alone builds datasets
     and computes caption metrics while the others wait.
     """
@@ -75,6 +105,7 @@ def init_distributed_mode(run_cfg) -> None:
     if "LOCAL_RANK" not in os.environ:
         raise RuntimeError("RANK and WORLD_SIZE are set but LOCAL_RANK is not; launch with torch.distributed.run")
 
+    exit_with_parent()
     run_cfg.rank = int(os.environ["RANK"])
     run_cfg.world_size = int(os.environ["WORLD_SIZE"])
     run_cfg.gpu = int(os.environ["LOCAL_RANK"])
