@@ -367,3 +367,22 @@ def test_keep_checkpoints_prunes_the_numbered_ones(tmp_path):
     runner.train()
     names = sorted(p.name for p in runner.output_dir.glob("checkpoint_*.pth"))
     assert names == ["checkpoint_2.pth", "checkpoint_3.pth", "checkpoint_latest.pth"]
+
+
+@pytest.mark.slow
+def test_tiny_evlgen_resumed_mid_data_epoch_is_bitwise_exact(tmp_path):
+    """The real tiny EVLGen (dropout in its connector and LLM), iteration runner, resumed at
+    iteration 2 of a 4-batch data epoch."""
+    config = toy_plugin.REPO_ROOT / "projects/evlgen/tiny/caption.yaml"
+    options = ["run.runner=runner_evlgen_iter", "run.max_iters=6", "run.iters_per_inner_epoch=2",
+               "run.valid_splits=[]", "run.test_splits=[]"]
+
+    def run(out: str, *extra: str):
+        runner = train.build_runner(["--cfg-path", str(config), "--options", f"run.output_dir={tmp_path / out}", *options, *extra])
+        runner.train()
+        return runner.output_dir
+
+    straight = run("straight")
+    resumed = run("resumed", f"run.resume_ckpt_path={straight / 'checkpoint_2.pth'}")
+    final, after = weights(straight / "checkpoint_latest.pth"), weights(resumed / "checkpoint_latest.pth")
+    assert all(torch.equal(after[k], v) for k, v in final.items())
