@@ -23,7 +23,7 @@ from torch import nn
 from lavis_evlgen.common.checkpoint import CheckpointMismatchError, StrictCheckpointLoading, check_shapes, read_model_state
 from lavis_evlgen.common.paths import model_type_configs
 from lavis_evlgen.models.prefix_lm import ModelConfig, PrefixLM, PrefixLMConfig, VisionConfig
-from lavis_evlgen.models.qformer import build_qformer, build_qformer_tokenizer
+from lavis_evlgen.models.qformer import build_qformer, build_qformer_tokenizer, query_branch
 from lavis_evlgen.models.vision import build_vision_encoder
 
 
@@ -187,14 +187,7 @@ class BLIP2(PrefixLM):
 
     def connect(self, vision_tokens: torch.Tensor):
         """vision_tokens [B, T, C_vit] -> (query outputs [B, Q, C], the Q-Former's output)."""
-        batch = vision_tokens.shape[0]
-        image_atts = torch.ones(vision_tokens.shape[:-1], dtype=torch.long, device=vision_tokens.device)
-        output = self.Qformer.bert(
-            query_embeds=self.query_tokens.expand(batch, -1, -1),
-            encoder_hidden_states=vision_tokens,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        )
+        output = query_branch(self.Qformer.bert, self.query_tokens, vision_tokens)
         return output.last_hidden_state, output
 
     def load_stage1(self, url_or_filename: str) -> list[str]:

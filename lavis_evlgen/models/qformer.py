@@ -34,6 +34,46 @@ def build_qformer_tokenizer(qformer_init: str):
     return tokenizer
 
 
+def qformer_config(
+    config, num_query_token: int, vision_width: int, cross_attention_freq: int = 2, num_layers: int | None = None,
+    where: str = "the BERT config",
+):
+    """A BERT config (transformers ``BertConfig``) turned into LAVIS's Q-Former config, in place.
+
+    Adds cross-attention to ``vision_width``-wide image tokens every ``cross_attention_freq`` layers and
+    ``num_query_token`` queries; keeps the first ``num_layers`` layers (None: all). ``where`` names the
+    checkpoint in errors. Returns the config.
+    """
+    if num_layers is not None:
+        if not 0 < num_layers <= config.num_hidden_layers:
+            raise ValueError(f"qformer_num_layers={num_layers}, but {where} has {config.num_hidden_layers} layers")
+        config.num_hidden_layers = num_layers
+    config.encoder_width = vision_width
+    config.add_cross_attention = True
+    config.cross_attention_freq = cross_attention_freq
+    config.query_length = num_query_token
+    return config
+
+
+def query_branch(bert: nn.Module, query_tokens: torch.Tensor, vision_tokens: torch.Tensor):
+    """The Q-Former's query branch, as BLIP-2 stage 2 runs it: queries cross-attend to the image.
+
+    Args:
+        bert: the Q-Former's ``.bert`` (LAVIS ``BertModel``); query_tokens: [1, Q, C];
+        vision_tokens: [B, T, C_vit] (after ``ln_vision``).
+    Returns:
+        LAVIS's encoder output; ``last_hidden_state`` is [B, Q, C].
+    """
+    batch = vision_tokens.shape[0]
+    image_atts = torch.ones(vision_tokens.shape[:-1], dtype=torch.long, device=vision_tokens.device)
+    return bert(
+        query_embeds=query_tokens.expand(batch, -1, -1),
+        encoder_hidden_states=vision_tokens,
+        encoder_attention_mask=image_atts,
+        return_dict=True,
+    )
+
+
 def build_qformer(
     qformer_init: str, num_query_token: int, vision_width: int, cross_attention_freq: int = 2, num_layers: int | None = None
 ):
@@ -55,15 +95,8 @@ def build_qformer(
     from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 
     path = resolve_pretrained(qformer_init, config_key="qformer_init")
-    config = BertConfig.from_pretrained(path)
-    if num_layers is not None:
-        if not 0 < num_layers <= config.num_hidden_layers:
-            raise ValueError(f"qformer_num_layers={num_layers}, but {qformer_init} has {config.num_hidden_layers} layers")
-        config.num_hidden_layers = num_layers
-    config.encoder_width = vision_width
-    config.add_cross_attention = True
-    config.cross_attention_freq = cross_attention_freq
-    config.query_length = num_query_token
+    config = qformer_config(BertConfig.from_pretrained(path), num_query_token, vision_width, cross_attention_freq,
+                            num_layers, where=qformer_init)
     qformer = BertLMHeadModel.from_pretrained(path, config=config)
     # LAVIS ties the LM head's decoder bias to a zero-initialised ``predictions.bias``. For a
     # checkpoint without an LM head (MiniLM), transformers 4.51 leaves that bias uninitialised
