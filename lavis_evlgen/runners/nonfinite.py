@@ -7,6 +7,8 @@ before each step, and refuses to step on a non-finite loss or gradient. Up to
 ``max_consecutive`` such steps in a row are skipped and counted; the next one raises
 ``NonFiniteLossError`` with the step, the epoch and the sample ids of the batch. A step that
 leaves a weight non-finite (finite gradients times a huge lr) raises at once: it cannot be undone.
+Cost per step: a finiteness check of the loss, the gradients and the weights (a device sync each,
+as LAVIS's own ``loss.item()``), and with several processes one all-reduce of a flag.
 
 Under AMP the GradScaler skips steps with overflowing gradients itself (a normal part of loss
 scaling, not counted here); a non-finite loss is counted all the same.
@@ -97,10 +99,11 @@ class NonFiniteGuard:
             self._stepped_bad = True
             return None
         result = self.optimizer.step(*args, **kwargs)
-        bad_weights = [n for n, p in enumerate(self._params()) if not torch.isfinite(p).all()]
-        if bad_weights:
+        params = self._params()
+        if not all_finite(params):
+            bad_weights = [p for p in params if not torch.isfinite(p).all()]
             raise NonFiniteLossError(
-                f"{len(bad_weights)} trainable tensors became non-finite in the optimizer step after "
+                f"{len(bad_weights)} of {len(params)} trainable tensors became non-finite in the optimizer step after "
                 f"{self._describe(self._last_batch)} (finite loss and gradients: the learning rate is too large?); "
                 f"the run stops before any checkpoint holds them"
             )

@@ -96,16 +96,22 @@ class RunnerOptions:
 
     @classmethod
     def from_run_cfg(cls, run_cfg) -> "RunnerOptions":
-        """Read from the run config; a value of the wrong type or range names its key."""
+        """Read from the run config; a value of the wrong type or range names its key. Every
+        option is an integer with a minimum; those whose default is None may be null."""
         minimum = {"max_nonfinite_steps": 0, "keep_checkpoints": 1}
         values = {}
         for f in fields(cls):
             value = run_cfg.get(f.name, f.default)
-            if not (value is None and f.default is None) and (isinstance(value, bool) or not isinstance(value, int) or value < minimum[f.name]):
-                allowed = f"an integer >= {minimum[f.name]}" + (" or null" if f.default is None else "")
+            nullable = f.default is None
+            if not (value is None and nullable) and not _int_at_least(value, minimum[f.name]):
+                allowed = f"an integer >= {minimum[f.name]}" + (" or null" if nullable else "")
                 raise ValueError(f"run.{f.name}: expected {allowed}, got {value!r}")
             values[f.name] = value
         return cls(**values)
+
+
+def _int_at_least(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 class SkippingSampler(DistributedSampler):
