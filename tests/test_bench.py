@@ -76,3 +76,8 @@ def test_tomeformer_linear_macs_follow_the_token_counts():
     expected = sum(4 * 32 * 32 * t_in + 2 * 32 * 64 * t_out for t_in, t_out in zip(counts[:-1], counts[1:]))
     x = torch.randn(2, 65, 32)
     assert linear_macs(tomeformer, lambda: tomeformer(x)) == 2 * expected
+    # All ops add the attention products (QK^T and attention x V: 2 T^2 C per layer, CPU kernel
+    # included) and the matching scores (set A x set B over the 8-dim per-head keys).
+    attention = sum(2 * t * t * 32 for t in counts[:-1])
+    matching = sum((t + 1) // 2 * (t // 2) * 8 for t in counts[:-1])
+    assert total_macs(lambda: tomeformer(x)) == 2 * (expected + attention + matching)

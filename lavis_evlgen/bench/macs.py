@@ -4,12 +4,14 @@
 - ``total_macs``: every op torch's ``FlopCounterMode`` has a formula for (matmuls of Linear layers
   and attention scores/values, convolutions), FLOPs / 2. Element-wise ops (softmax, LayerNorm, GELU,
   the ToMe gather/scatter) have no formula there and count zero; they are a small share of the work.
+  torch has no formula for its CPU attention kernel (TomeFormer's ``scaled_dot_product_attention``
+  on CPU), so one is added from torch's own ``sdpa_flop_count``.
 """
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lavis_evlgen.bench.connectors import ConnectorCall
 
@@ -32,13 +34,21 @@ def linear_macs(scope: nn.Module, run: Callable[[], Any]) -> int:
     return total
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU attention kernel: QK^T and attention x V, as torch counts its CUDA kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+MISSING_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def total_macs(run: Callable[[], Any]) -> int:
     """MACs of every op ``FlopCounterMode`` counts during ``run()`` (its FLOPs / 2).
 
     Runs with autograd on: the counter's module tracker fails on no-grad views of parameters (the
     Q-Former's expanded queries). Only the forward is run, so only forward ops are counted.
     """
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=MISSING_FORMULAS) as counter:
         run()
     return counter.get_total_flops() // 2
 

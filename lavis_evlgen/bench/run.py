@@ -42,10 +42,10 @@ class BenchConfig:
 
     size: str = "mini"  # tiny | mini: timing and MACs of built models; paper: MACs only
     variants: list = field(default_factory=lambda: list(VARIANTS))
-    batch_size: int = 16
-    warmup: int = 2
-    steps: int = 10
-    gen_rounds: int = 2
+    batch_size: int = 16  # the mini comparison's batch per process
+    warmup: int = 1
+    steps: int = 6
+    gen_rounds: int = 3
     beams: int = 5
     gen_tokens: int = 20
     lr: float = 1e-5
