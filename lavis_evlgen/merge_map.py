@@ -92,7 +92,7 @@ def plot_merge_map(pixels: np.ndarray, owners: np.ndarray, title: str, out: Path
     painted = mean_colour_map(pixels, owners)
     painted[token_boundaries(owners, scale)] = 1.0
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
-    for ax, picture, name in zip(axes, (pixels, painted), ("input", f"{len(np.unique(owners))} tokens")):
+    for ax, picture, name in zip(axes, (pixels, painted), ("input", f"{len(np.unique(owners))} output tokens hold patches (+ CLS)")):
         ax.imshow(picture)
         ax.set_title(name)
         ax.axis("off")
@@ -144,10 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-type", default="mini", help="evlgen_vicuna model type (default: mini)")
     parser.add_argument("--image-size", type=int, default=None, help="input px (default: the model type's)")
     parser.add_argument("--checkpoint", default=None, help="trained EVLGen checkpoint (default: untrained connector)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained weights (vision_proj is random)")
     args = parser.parse_args(argv)
 
     from lavis.processors.blip_processors import BlipImageEvalProcessor
 
+    torch.manual_seed(args.seed)
     model = build_model(args.model_type, args.r, args.image_size, args.checkpoint)
     size = model.config.image_size
     photo = Image.open(resolve_image(args.image)).convert("RGB")

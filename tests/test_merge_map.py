@@ -1,4 +1,5 @@
 """Merge map: tracked sources partition the patches; the command writes a PNG."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,8 +33,12 @@ def test_a_source_that_does_not_partition_is_refused():
         patch_owners(torch.eye(5), (3, 3))
 
 
-def test_command_writes_a_png(tmp_path):
-    out = tmp_path / "map.png"
-    main(["--image", "skimage:chelsea", "--r", "16", "16", "--model-type", "tiny", "--out", str(out)])
-    with Image.open(out) as png:
-        assert png.format == "PNG" and png.width > 100
+def test_command_writes_a_png_that_repeats(tmp_path):
+    """The untrained connector's random vision_proj is seeded, so the same command draws the same map."""
+    pictures = []
+    for name in ("a.png", "b.png"):
+        main(["--image", "skimage:chelsea", "--r", "16", "16", "--model-type", "tiny", "--out", str(tmp_path / name)])
+        with Image.open(tmp_path / name) as png:
+            assert png.format == "PNG" and png.width > 100
+            pictures.append(np.asarray(png.convert("RGB")))
+    assert np.array_equal(*pictures)
