@@ -16,13 +16,15 @@ from lavis_evlgen.bench.run import BenchConfig, bench_table, macs_table, paper_m
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
-    parser = argparse.ArgumentParser(prog="python -m lavis_evlgen.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lavis_evlgen.bench",
+                                     description="EVLGen vs BLIP-2, side by side (README, Performance).")
     for f in dataclasses.fields(BenchConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if isinstance(default, list):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", default=default)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", default=default, help=f"default: {default}")
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                                help=f"default: {default}")
     return BenchConfig(**vars(parser.parse_args(argv)))
 
 
