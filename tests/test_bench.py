@@ -16,7 +16,7 @@ from lavis_evlgen.models.tomeformer import TomeFormer
 
 from launch import free_port
 
-ROW_NAMES = {"evlgen", "evlgen_half", "blip2_stage1", "blip2_stage2"}
+ROW_NAMES = {"evlgen", "evlgen_half", "evlgen_cached", "blip2_stage1", "blip2_stage2"}
 
 
 @pytest.fixture
@@ -43,12 +43,14 @@ def test_bench_command_writes_rows_with_the_schema(process_group, tmp_path):
         assert (row["captions_per_s"] is None) == (row["name"] == "blip2_stage1")
         assert (row["matching_share"] is not None) == row["name"].startswith("evlgen")
     names = {t["target"].split(":")[0].split(" ")[0] for t in result["targets"]}
-    assert names == {"evlgen", "evlgen_half"}
+    assert names == {"evlgen", "evlgen_half", "evlgen_cached"}
+    cached = {r["name"]: r for r in result["rows"]}["evlgen_cached"]
+    assert cached["vit_s"] < cached["step_s"] / 10  # the ViT does not run
     table = (tmp_path / "bench.md").read_text()
     assert "| EVLGen, half depth |" in table and "Targets:" in table
 
 
-@pytest.mark.parametrize("name", ["evlgen", "blip2_stage2"])
+@pytest.mark.parametrize("name", ["evlgen", "evlgen_cached", "blip2_stage2"])
 def test_timed_step_computes_the_models_loss(name):
     variant = VARIANTS[name]
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ A row is a ``Variant``: a registered model, a model type per size, config overri
 
 by cutting the graph at the soft prompts (the same ops as ``model(samples)["loss"].backward()``; a
 test checks the loss is the same). ``stage1`` rows (no LLM) time the ViT forward and LAVIS's
-ITC + ITM + ITG forward + backward after it. To add a row (e.g. EVLGen on cached ViT features),
-add a ``Variant`` to ``VARIANTS`` and, if its step differs, a ``VariantBench`` subclass overriding
-``vision_tokens`` (or ``step``) registered in ``BENCHES``.
+ITC + ITM + ITG forward + backward after it; the ``cached`` row is EVLGen reading the feature cache. To add
+a row, add a ``Variant`` to ``VARIANTS`` and, if its step differs, a ``VariantBench`` subclass
+overriding ``vision_tokens`` (or ``step``) registered in ``BENCHES``.
 """
 import time
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 from lavis_evlgen.bench.connectors import CAPTIONS, ConnectorCall, Stage1Connector, connector_call
+from lavis_evlgen.datasets.feature_cache import CachedViT
 from lavis_evlgen.models.merge import bipartite_soft_matching
 from lavis_evlgen.models.tomeformer import TomeFormer
 
@@ -53,6 +54,8 @@ VARIANTS = {
                 {"tiny": {}, "mini": {"num_layers": 6, "tome_r": 6}}),
         Variant("evlgen_half", "EVLGen, half depth", "evlgen_vicuna", {"tiny": "tiny", "mini": "mini"},
                 {"tiny": {"num_layers": 1, "tome_r": 32}, "mini": {"num_layers": 3, "tome_r": 12}}),
+        Variant("evlgen_cached", "EVLGen, full depth, cached ViT tokens", "evlgen_vicuna",
+                {"tiny": "tiny", "mini": "mini"}, {"tiny": {}, "mini": {"num_layers": 6, "tome_r": 6}}, bench="cached"),
         Variant("blip2_stage1", "BLIP-2 stage 1", "blip2_baseline", {"tiny": "tiny", "mini": "mini"}, bench="stage1"),
         Variant("blip2_stage2", "BLIP-2 stage 2", "blip2_baseline_vicuna", {"tiny": "tiny", "mini": "mini"}),
     )
@@ -184,7 +187,19 @@ class Stage1Bench(VariantBench):
         return None
 
 
-BENCHES = {"prefix_lm": VariantBench, "stage1": Stage1Bench}
+class CachedBench(VariantBench):
+    """A ``prefix_lm`` row reading the ViT's tokens from the feature cache (``run.feature_cache``):
+    the tokens are computed once, the model's ViT becomes a ``CachedViT`` and the batch carries the
+    tokens [B, T, C_vit] as its ``image``, as the cached datasets do."""
+
+    def __init__(self, variant: Variant, model, batch: dict, lr: float = 1e-5):
+        with torch.no_grad():
+            tokens = model.vision_tokens(batch["image"])
+        model.visual_encoder = CachedViT(*tokens.shape[1:])
+        super().__init__(variant, model, {**batch, "image": tokens}, lr)
+
+
+BENCHES = {"prefix_lm": VariantBench, "stage1": Stage1Bench, "cached": CachedBench}
 
 
 def time_matching(connector: TomeFormer, batch: int, num_tokens: int, device: torch.device) -> float:
