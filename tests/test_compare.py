@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from lavis_evlgen.common.run_config import load_config
 from lavis_evlgen.experiments import compare as experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +35,10 @@ def load_compare():
 
 
 def tiny_row_configs(directory: Path) -> Path:
-    """The committed row configs with their models swapped for tiny ones."""
+    """The committed row configs (their bases merged in) with their models swapped for tiny ones."""
     directory.mkdir()
     for name, model in TINY_MODELS.items():
-        cfg = OmegaConf.load(ROW_CONFIGS / f"{name}.yaml")
+        cfg = load_config(ROW_CONFIGS / f"{name}.yaml")
         cfg.model = OmegaConf.merge(cfg.model, model)
         OmegaConf.save(cfg, directory / f"{name}.yaml")
     return directory

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import lavis_evlgen.models
-from lavis_evlgen.common.run_config import RunConfig
+from lavis_evlgen.common.run_config import RunConfig, load_config
 from lavis_evlgen.models.evlgen import EVLGen
 from lavis_evlgen.models.merge import capped_merges
 
@@ -99,3 +99,62 @@ def test_r_above_half_the_tokens_is_capped_with_a_warning(caplog):
     assert "layer 1 asks r=40 of 65 tokens, merges 32, layer 2 asks r=40 of 33 tokens, merges 16" in warning
     assert warning.endswith("tokens 65 -> 33 -> 17")
     assert model.encode_image(torch.zeros(1, 3, 112, 112)).shape[1] == 17
+
+
+# ---------------------------------------------------------------- layered configs (base: ...)
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_chain_merges_in_order_and_lists_replace(tmp_path):
+    _write(tmp_path / "a.yaml", "run: {seed: 1, splits: [train, val], lr: 1.0}\nmodel: {arch: x}\n")
+    _write(tmp_path / "sub/b.yaml", "base: ../a.yaml\nrun: {seed: 2, splits: [train]}\n")
+    _write(tmp_path / "c.yaml", "base: [a.yaml, sub/b.yaml]\nrun: {lr: 3.0}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert OmegaConf.to_container(cfg) == {"run": {"seed": 2, "splits": ["train"], "lr": 3.0}, "model": {"arch": "x"}}
+
+
+def test_base_cycle_and_missing_base_are_named(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    b = _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ValueError, match=rf"base: cycle {a} -> {b} -> {a}"):
+        load_config(a)
+    c = _write(tmp_path / "c.yaml", "base: nope.yaml\n")
+    with pytest.raises(FileNotFoundError, match=rf"config {tmp_path / 'nope.yaml'} does not exist \(base of {c}\)"):
+        load_config(c)
+    d = _write(tmp_path / "d.yaml", "base: 3\n")
+    with pytest.raises(ValueError, match="base must be a path or a list of paths"):
+        load_config(d)
+
+
+def test_run_config_reads_a_layered_yaml_with_options(tmp_path):
+    row = _write(tmp_path / "row.yaml", f"base: {TINY}\nrun: {{seed: 7}}\n")
+    cfg = _config("run.max_epoch=3", cfg_path=row)
+    assert cfg.run_cfg.seed == 7 and cfg.run_cfg.max_epoch == 3
+    assert cfg.run_cfg.task == OmegaConf.load(TINY).run.task
+    assert cfg.args.cfg_path == str(row)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def test_compare_rows_are_their_base_plus_the_keys_they_change():
+    rows = REPO / "projects/compare/mini"
+    base = _flat(OmegaConf.to_container(load_config(rows / "base.yaml")))
+
+    def changed(name: str) -> set[str]:
+        row = _flat(OmegaConf.to_container(load_config(rows / f"{name}.yaml")))
+        return {k for k in row.keys() | base.keys() if row.get(k, "<absent>") != base.get(k, "<absent>")}
+
+    assert changed("evlgen_two_layers") == {"run.output_dir"}
+    assert changed("evlgen_half_depth") == {"model.num_layers", "model.tome_r", "run.output_dir"}
+    assert changed("evlgen_tenth_data") == {"model.num_layers", "model.tome_r", "run.output_dir",
+                                            "datasets.shapes_caption.build_info.fraction"}
+    assert changed("blip2_stage1") == {"model.arch", "run.output_dir", "run.valid_splits", "run.test_splits"}

@@ -11,14 +11,51 @@ built while the run records NAME. ``RunConfig`` is LAVIS's ``Config`` with:
 - ``model.arch`` / ``model.model_type`` given by ``--options`` choose the model defaults loaded;
 - ``check_image_sizes``: every dataset processor's ``image_size`` equals ``model.image_size`` (the
   ViT and its token count are built for that size; the model checks it against its patches and
-  position embeddings, and its soft prompts against the LLM's positions, when built).
+  position embeddings, and its soft prompts against the LLM's positions, when built);
+- layered project configs (``load_config``): a yaml may name ``base: other.yaml`` (or a list of
+  them), paths relative to its own folder; the bases are merged first (OmegaConf, later wins,
+  lists replaced), then the file itself. Bases may have bases; a cycle or a missing file is an
+  error naming the chain. A row of a table is thus its base plus the keys it changes (README,
+  "Paper scale").
 """
+import argparse
+import io
+import os
+from pathlib import Path
+
 from lavis.common.config import Config
 from lavis.common.registry import registry
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 # train.py's runner when run.runner is not set.
 DEFAULT_RUNNER = "runner_evlgen"
+# The key of a project yaml that names the config(s) it extends.
+BASE_KEY = "base"
+
+
+def load_config(path) -> DictConfig:
+    """A project yaml with its ``base`` chain merged in (see the module docstring); the result has
+    no ``base`` key. FileNotFoundError / ValueError name the file that refers to a missing base or
+    closes a cycle."""
+    return _load_layered(Path(os.path.abspath(path)), ())
+
+
+def _load_layered(path: Path, chain: tuple[Path, ...]) -> DictConfig:
+    if path in chain:
+        raise ValueError(f"{BASE_KEY}: cycle {' -> '.join(str(p) for p in (*chain, path))}")
+    if not path.is_file():
+        referrer = f" ({BASE_KEY} of {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config {path} does not exist{referrer}")
+    config = OmegaConf.load(path)
+    bases = config.pop(BASE_KEY, None)
+    if bases is None:
+        return config
+    if isinstance(bases, str):
+        bases = [bases]
+    elif not OmegaConf.is_list(bases) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"{path}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
+    merged = [_load_layered(Path(os.path.abspath(path.parent / base)), (*chain, path)) for base in bases]
+    return OmegaConf.merge(*merged, config)
 
 
 def _unknown(key: str, value, where: str, known) -> KeyError:
@@ -80,13 +117,17 @@ def check_image_sizes(config) -> None:
 
 
 class RunConfig(Config):
-    """LAVIS's Config, with names and image sizes checked and the model chosen by --options honoured."""
+    """LAVIS's Config of a layered project yaml (``load_config``), with names and image sizes
+    checked and the model chosen by --options honoured."""
 
     def __init__(self, args):
+        layered = load_config(args.cfg_path)
         dot_list = self._convert_to_dot_list(args.options or [])
-        raw = OmegaConf.merge(OmegaConf.load(args.cfg_path), OmegaConf.from_dotlist(dot_list))
+        raw = OmegaConf.merge(layered, OmegaConf.from_dotlist(dot_list))
         check_names(raw, {item.split("=", 1)[0] for item in dot_list}, args.cfg_path)
-        super().__init__(args)
+        # LAVIS's Config reads cfg_path with OmegaConf.load, which also takes a stream: the merged yaml.
+        super().__init__(argparse.Namespace(**{**vars(args), "cfg_path": io.StringIO(OmegaConf.to_yaml(layered))}))
+        self.args = args
         check_image_sizes(self.config)
 
     @staticmethod

@@ -22,6 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lavis_evlgen.common.jobs import REPO_ROOT, launch_job
+from lavis_evlgen.common.run_config import load_config
 from lavis_evlgen.experiments import report
 from lavis_evlgen.experiments.mini import seed_options
 
@@ -63,7 +64,7 @@ def model_config(cfg_path: Path, options: list[str]):
     """The model section LAVIS would build from ``cfg_path`` + ``options``: model-type defaults < project < options."""
     from lavis.common.registry import registry
 
-    project = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(options))
+    project = OmegaConf.merge(load_config(cfg_path), OmegaConf.from_dotlist(options))
     model_cls = registry.get_model_class(project.model.arch)
     return model_cls, OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(project.model.model_type)).model,
                                       project.model)
@@ -81,7 +82,7 @@ def prepare(config_dir: Path, rows: list[Row], options: list[str], seeds: list[i
     """Generate each seed's world, build every pretrained part once (cached); return trainable parameters per stage."""
     from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
 
-    world = OmegaConf.merge(OmegaConf.load(config_dir / f"{rows[0].configs[-1]}.yaml"),
+    world = OmegaConf.merge(load_config(config_dir / f"{rows[0].configs[-1]}.yaml"),
                             OmegaConf.from_dotlist(options)).datasets.shapes_caption.build_info
     settings = {key: world[key] for key in ("num_train", "num_val", "num_test", "image_size") if key in world}
     for seed in seeds:
@@ -151,7 +152,7 @@ def run_row(row: Row, seed: int, args, row_dir: Path, start: float) -> dict:
         t0 = time.time()
         job = launch_job("train.py", cfg, args.nproc, row_dir / name, options, log=row_dir / f"{name}.log")
         seconds, _ = read_training_log(job)
-        chunk = int(OmegaConf.merge(OmegaConf.load(cfg), OmegaConf.from_dotlist(options)).run.iters_per_inner_epoch)
+        chunk = int(OmegaConf.merge(load_config(cfg), OmegaConf.from_dotlist(options)).run.iters_per_inner_epoch)
         stages.append({"config": str(cfg.relative_to(REPO_ROOT)) if cfg.is_relative_to(REPO_ROOT) else str(cfg),
                        "job": str(job), "steps": chunk * len(seconds), "train_seconds": round(sum(seconds), 1),
                        "wall_seconds": round(time.time() - t0, 1)})
@@ -165,8 +166,8 @@ def run_row(row: Row, seed: int, args, row_dir: Path, start: float) -> dict:
 
     stage(f"{row.label}, seed {seed}: zero-shot VQA (test) and blind captions (val, shuffled soft prompts)", start)
     vqa_cfg = row_dir / "vqa.yaml"
-    vqa = OmegaConf.load(args.vqa_config)
-    vqa.model = OmegaConf.load(cfg).model
+    vqa = load_config(args.vqa_config)
+    vqa.model = load_config(cfg).model
     OmegaConf.save(vqa, vqa_cfg)
     vqa_job = launch_job("evaluate.py", vqa_cfg, args.nproc, row_dir / "vqa",
                          vqa_seed + model_options + trained + args.vqa_options, log=row_dir / "vqa.log")
