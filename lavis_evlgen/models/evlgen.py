@@ -1,5 +1,9 @@
 """EVLGen-image: frozen ViT -> ln_vision -> Linear -> TomeFormer -> Linear -> frozen LLM.
 
+``connector`` picks what sits between the two Linears (README, "The r trade-off"): ``tomeformer``
+(the paper), ``avgpool`` (the ViT tokens average-pooled to the merging schedule's token count, then
+the same BERT layers without merging) or ``mlp`` (LLaVA's Linear-GELU-Linear on every ViT token).
+
 One implementation serves every LLM; ``evlgen_opt`` and ``evlgen_vicuna`` differ only in
 their model-type table. Trained in one stage with the LLM's captioning loss (method.md §2), or,
 with ``scst: true``, with self-critical sequence training (``models/scst.py``: the config takes the
@@ -13,14 +17,21 @@ import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from torch import nn
+from transformers import BertConfig
 
 from lavis_evlgen.assets.resolver import resolve_pretrained
+from lavis_evlgen.common.checkpoint import ForeignLayout
 from lavis_evlgen.common.paths import model_type_configs
-from lavis_evlgen.models.merge import capped_merges
+from lavis_evlgen.models import authors_layout
+from lavis_evlgen.models.merge import capped_merges, merged_token_counts, parse_r
 from lavis_evlgen.models.prefix_lm import PrefixLM, PrefixLMConfig
 from lavis_evlgen.models.scst import SCSTConfig, SCSTMixin
+from lavis_evlgen.models.token_pool import avg_pool_tokens, pooled_shape
 from lavis_evlgen.models.tomeformer import TomeFormer
 from lavis_evlgen.models.vision import load_base_model
+
+# The connector options: the paper's, and the two a practitioner would try first (README, "The r trade-off").
+CONNECTORS = ("tomeformer", "avgpool", "mlp")
 
 
 @dataclass
@@ -31,7 +42,10 @@ class EVLGenConfig(SCSTConfig, PrefixLMConfig):
     This is the one place defaults live; ``from_config`` only filters and validates keys.
     """
 
-    # TomeFormer connector, initialised from a BERT checkpoint
+    # TomeFormer connector, initialised from a BERT checkpoint. avgpool: pool to the token count
+    # tome_r would merge to, then the same BERT layers with r=0 (merge_mode, prop_attn unused).
+    # mlp: vision_proj -> GELU -> llm_proj at connector_init's width (the BERT's layers and tome_r unused).
+    connector: str = "tomeformer"
     connector_init: str = "bert-base-uncased"
     num_layers: int = 12
     tome_r: Any = 19
@@ -52,6 +66,14 @@ class EVLGenConfig(SCSTConfig, PrefixLMConfig):
             config.tome_r = tuple(r) if len(r) == 2 and isinstance(r[1], float) else r
         return config
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"EVLGenConfig: connector={self.connector!r} is not one of {CONNECTORS}")
+        if self.beta > 0 and self.connector == "mlp":
+            raise ValueError("EVLGenConfig: beta > 0 needs a BERT connector's CLS token (connector tomeformer or "
+                             "avgpool); connector mlp has none")
+
 
 class EVLGen(SCSTMixin, PrefixLM):
     """EVLGen-image. Subclasses register a name and a model-type table.
@@ -70,30 +92,59 @@ class EVLGen(SCSTMixin, PrefixLM):
             self._build_contrastive_head(config)
 
     def build_connector(self, config: EVLGenConfig, vision_width: int) -> int:
+        init = resolve_pretrained(config.connector_init, config_key="connector_init")
+        if config.connector == "mlp":
+            # LLaVA-1.5's projector (Linear-GELU-Linear; Liu et al. 2023, "Improved Baselines"):
+            # vision_proj and llm_proj are its Linears, so its widths are those of the other options.
+            width = BertConfig.from_pretrained(init).hidden_size
+            self.vision_proj = nn.Linear(vision_width, width)
+            self.connector = nn.GELU()
+            return width
         self.connector = TomeFormer.from_pretrained(
-            resolve_pretrained(config.connector_init, config_key="connector_init"),
+            init,
             num_layers=config.num_layers,
-            tome_r=config.tome_r,
+            tome_r=config.tome_r if config.connector == "tomeformer" else 0,
             merge_mode=config.merge_mode,
             prop_attn=config.prop_attn,
         )
+        # The ToMe schedule's r per layer: TomeFormer's merges, or what avgpool's token count matches.
+        self.merge_schedule = parse_r(self.connector.num_layers, config.tome_r)
         self.vision_proj = nn.Linear(vision_width, self.connector.hidden_size)
         return self.connector.hidden_size
 
+    def schedule_token_counts(self, num_vision_tokens: int) -> list[int]:
+        """Token counts through the merge schedule: [num_vision_tokens, after layer 1, ..., soft prompts]."""
+        return merged_token_counts(num_vision_tokens, self.merge_schedule, protected=1)
+
+    def foreign_layout(self, checkpoint: dict) -> ForeignLayout | None:
+        """The authors' released checkpoints (``liptome_*``) load by their names (``models/authors_layout.py``)."""
+        return authors_layout.translate(checkpoint, self)
+
     def soft_prompt_count(self, num_vision_tokens: int) -> int:
-        """The TomeFormer's output count; a warning when an r exceeds half of a layer's tokens, where
-        ToMe's matching caps it (README, "Reliability")."""
-        counts = self.connector.token_counts(num_vision_tokens)
-        capped = capped_merges(num_vision_tokens, self.connector.r_schedule, protected=int(self.connector.class_token))
+        """Soft prompts per image: the merge schedule's end count (tomeformer, avgpool) or every ViT token
+        (mlp); a warning when an r exceeds half of a layer's tokens, where ToMe's matching caps it
+        (README, "Reliability")."""
+        if self.config.connector == "mlp":
+            return num_vision_tokens
+        counts = self.schedule_token_counts(num_vision_tokens)
+        capped = capped_merges(num_vision_tokens, self.merge_schedule, protected=1)
         if capped:
             logging.warning("tome_r: %s; a layer merges at most half of its tokens (CLS aside), so r is capped: "
                             "tokens %s", ", ".join(f"layer {k} asks r={r} of {counts[k - 1]} tokens, merges {m}"
                                                    for k, r, m in capped),
                             " -> ".join(map(str, counts)))
+        if self.config.connector == "avgpool":
+            pooled_shape(num_vision_tokens, counts[-1])  # a count that does not tile the patch grid fails here
         return counts[-1]
 
     def connect(self, vision_tokens: torch.Tensor):
-        """vision_tokens [B, T, C_vit] -> (merged tokens [B, N, C], TomeFormer output); N = output_token_count(T)."""
+        """vision_tokens [B, T, C_vit] -> (tokens [B, N, C], the connector's output: TomeFormerOutput, None for mlp);
+        N = soft_prompt_count(T)."""
+        if self.config.connector == "mlp":
+            return self.connector(self.vision_proj(vision_tokens)), None
+        if self.config.connector == "avgpool":
+            # Pooling before vision_proj is the same as after (an affine map commutes with a mean), and cheaper.
+            vision_tokens = avg_pool_tokens(vision_tokens, self.schedule_token_counts(vision_tokens.shape[1])[-1])
         connector_out = self.connector(self.vision_proj(vision_tokens))
         return connector_out.last_hidden_state, connector_out
 

@@ -187,3 +187,30 @@ def merged_token_counts(num_tokens: int, r_schedule: List[int], protected: int =
         t = counts[-1]
         counts.append(t - max(0, min(r, (t - protected) // 2)))
     return counts
+
+
+def schedule_to_count(num_tokens: int, num_layers: int, target: int, protected: int = 1) -> List[int]:
+    """A per-layer r schedule that takes num_tokens to exactly target tokens in num_layers merging layers.
+
+    Merges are spread as evenly as ToMe's cap allows: a layer merges at most (T - protected) // 2
+    tokens, so when the later layers cannot merge their even share the earlier ones take more.
+    65 -> 29: [18, 18] in 2 layers, [6] * 6 in 6; 257 -> 29 in 6 layers: [38, 38, 38, 38, 48, 28]
+    (six layers of r=38 stop at 34, README "Performance"). A target no schedule reaches is a ValueError.
+    """
+    if not 0 < target <= num_tokens:
+        raise ValueError(f"schedule_to_count: target={target} must be in [1, num_tokens={num_tokens}]")
+    schedule, t = [], num_tokens
+    for k in range(num_layers):
+        layers_after = num_layers - k - 1
+        # The most tokens the layers after this one can still bring down to target: a layer with
+        # t_out outputs takes at most 2 * t_out - protected inputs.
+        reachable = target
+        for _ in range(layers_after):
+            reachable = 2 * reachable - protected
+        r = max(math.ceil((t - target) / (layers_after + 1)), t - reachable)
+        if r > (t - protected) // 2:
+            raise ValueError(f"schedule_to_count: {num_tokens} tokens cannot reach {target} in {num_layers} "
+                             f"layer(s): layer {k + 1} would merge {r} of {t} tokens, at most {(t - protected) // 2}")
+        schedule.append(r)
+        t -= r
+    return schedule
