@@ -17,6 +17,11 @@ another arch or type refuses it unless its config sets ``allow_other_model_check
 Saving is atomic (a temporary file renamed over the old one; the temporary file is removed when
 the save fails or is terminated) and refuses non-finite weights; loading uses
 ``torch.load(weights_only=True)`` (no arbitrary unpickling) and names the file when it cannot be read.
+
+A checkpoint in another project's key layout (the EVLGen authors' ``liptome_*`` models) is
+translated by the model first (``StrictCheckpointLoading.foreign_layout``): keys renamed to the
+model's, tensors known to be unused dropped by name and counted in the log line, the arch it
+corresponds to recorded; then every check above applies to the translated checkpoint.
 """
 import logging
 import os
@@ -50,21 +55,46 @@ class NonFiniteCheckpointError(FloatingPointError):
     """A checkpoint about to be saved holds non-finite weights."""
 
 
+@dataclass
+class ForeignLayout:
+    """A checkpoint of another project's key layout, translated to the model's names.
+
+    ``checkpoint``: the checkpoint with its ``"model"`` state dict renamed (and the known-unused
+    tensors left out), and ``arch``/``model_type`` set to the model of ours it corresponds to (None:
+    the checkpoint does not say). ``dropped``: reason -> the checkpoint's own names of the tensors
+    left out. ``original_names``: model key -> the checkpoint's key, for error messages.
+    """
+
+    name: str
+    checkpoint: dict
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    original_names: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(repr=False)
 class LoadReport:
     """What ``load_trainable_state`` did: the keys it loaded from ``source``, the frozen ones the
     model kept, and the trainable ones it kept as initialised (``fresh``: group description ->
-    keys, the groups of ``may_start_fresh`` the checkpoint lacked)."""
+    keys, the groups of ``may_start_fresh`` the checkpoint lacked). A checkpoint of a foreign
+    layout also names it (``layout``) and the unused tensors dropped by name (``dropped``: reason
+    -> keys, counted in the summary)."""
 
     source: str
     loaded: list[str]
     missing_frozen: list[str]
     fresh: dict[str, list[str]] = field(default_factory=dict)
+    layout: str | None = None
+    dropped: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         line = f"{self.source}: {len(self.loaded)} tensors loaded, {len(self.missing_frozen)} frozen tensors kept from the model"
         for reason, keys in self.fresh.items():
             line += f"; {len(keys)} new tensors initialised by the model ({reason}): {', '.join(keys)}"
+        if self.layout is not None:
+            dropped = sum(len(keys) for keys in self.dropped.values())
+            line += f"; {self.layout}, {dropped} unused tensors dropped"
+            if self.dropped:
+                line += " (" + ", ".join(f"{reason}: {len(keys)}" for reason, keys in self.dropped.items()) + ")"
         return line
 
     def __repr__(self) -> str:
@@ -91,10 +121,17 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
-def check_shapes(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str) -> None:
+def _named(key: str, original_names: dict[str, str] | None) -> str:
+    """``key``, with the checkpoint's own name beside it when a foreign layout renamed it."""
+    original = (original_names or {}).get(key)
+    return key if original is None or original == key else f"{key} (checkpoint: {original})"
+
+
+def check_shapes(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
+                 original_names: dict[str, str] | None = None) -> None:
     """Raise CheckpointMismatchError naming ``source`` and every key of ``state_dict`` whose
     shape differs from the one in ``own`` (the model's state dict; keys it lacks are skipped)."""
-    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+    wrong = [f"{_named(k, original_names)}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
              for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if wrong:
         raise CheckpointMismatchError(f"{source}: {len(wrong)} tensors have another shape than the model's: {wrong}")
@@ -105,6 +142,7 @@ def load_trainable_state(
     state_dict: dict[str, torch.Tensor],
     source: str,
     may_start_fresh: dict[str, set[str]] | None = None,
+    layout: ForeignLayout | None = None,
 ) -> LoadReport:
     """Load a trainable-weights-only ``state_dict`` into ``model``, checking keys first.
 
@@ -112,17 +150,21 @@ def load_trainable_state(
         may_start_fresh: {description: keys}: groups of trainable keys the checkpoint may lack,
             each only as a whole (all of the group missing: the model keeps its initial values and
             the report names them under the description; some of it missing: an error).
+        layout: the foreign layout ``state_dict`` was translated from: errors give each key's
+            original name beside the model's, and the report names the layout and what it dropped.
     Raises CheckpointMismatchError (naming ``source``, the file) for keys the model does not have,
     tensors whose shape differs from the model's, or missing keys that are not frozen (nor a
     whole fresh group); all are checked before anything is loaded, so the model is untouched then.
     """
+    original_names = layout.original_names if layout is not None else None
     expected = set(model.state_dict())
     unexpected = sorted(set(state_dict) - expected)
     if unexpected:
         raise CheckpointMismatchError(
-            f"{source}: {len(unexpected)} keys the model ({type(model).__name__}) does not have: {unexpected}"
+            f"{source}: {len(unexpected)} keys the model ({type(model).__name__}) does not have: "
+            f"{[_named(k, original_names) for k in unexpected]}"
         )
-    check_shapes(model.state_dict(), state_dict, source)
+    check_shapes(model.state_dict(), state_dict, source, original_names)
     missing = expected - set(state_dict)
     missing_trainable = missing - frozen_keys(model)
     fresh = {}
@@ -137,7 +179,9 @@ def load_trainable_state(
         )
     model.load_state_dict(state_dict, strict=False)
     new = {k for keys in fresh.values() for k in keys}
-    report = LoadReport(source=source, loaded=sorted(state_dict), missing_frozen=sorted(missing - new), fresh=fresh)
+    report = LoadReport(source=source, loaded=sorted(state_dict), missing_frozen=sorted(missing - new), fresh=fresh,
+                        layout=layout.name if layout is not None else None,
+                        dropped=dict(layout.dropped) if layout is not None else {})
     logging.info("Loaded checkpoint %s.", report.summary())
     return report
 
@@ -331,6 +375,11 @@ class StrictCheckpointLoading:
                 self.load_checkpoint(cfg[key])
                 return
 
+    def foreign_layout(self, checkpoint: dict) -> ForeignLayout | None:
+        """``checkpoint`` translated from another project's key layout, or None when it is in the
+        model's own. None here; EVLGen reads the authors' ``liptome_*`` checkpoints."""
+        return None
+
     def fresh_key_groups(self) -> dict[str, set[str]]:
         """Groups of trainable state-dict keys a checkpoint given to ``load_checkpoint`` may lack,
         each as a whole: {description: keys}. None here; EVLGen-video names its temporal modules,
@@ -343,13 +392,18 @@ class StrictCheckpointLoading:
         A checkpoint of another arch or model type is refused unless ``allow_other_model`` (None:
         the config's ``allow_other_model_checkpoint``). Missing keys are allowed only for frozen
         parts and for whole ``fresh_key_groups`` (named in the log line); unexpected keys and
-        other shapes are an error, raised before anything is loaded.
+        other shapes are an error, raised before anything is loaded. A checkpoint of a foreign
+        layout (``foreign_layout``) is translated first and then checked the same way.
         """
         arch, model_type = getattr(self, "_checkpoint_model", (None, None))
         if allow_other_model is None:
             allow_other_model = getattr(self, "_allow_other_model_checkpoint", False)
         checkpoint = read_checkpoint(url_or_filename)
+        layout = self.foreign_layout(checkpoint)
+        if layout is not None:
+            checkpoint = layout.checkpoint
         check_checkpoint_model(checkpoint, arch or registered_arch(self), model_type, str(url_or_filename), allow_other_model)
         return load_trainable_state(
-            self, checkpoint["model"], source=str(url_or_filename), may_start_fresh=self.fresh_key_groups()
+            self, checkpoint["model"], source=str(url_or_filename), may_start_fresh=self.fresh_key_groups(),
+            layout=layout,
         )
