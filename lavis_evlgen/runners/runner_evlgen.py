@@ -27,7 +27,8 @@ RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes
 - ``run.output_dir`` is relative to the working directory (LAVIS joins it to its package dir).
 
 Importing this module also registers LAVIS's LR schedulers (they live in
-``lavis.common.optims``, which nothing in LAVIS imports) and points LAVIS's ``cache_root`` at
+``lavis.common.optims``, which nothing in LAVIS imports) and ours (``schedules.py``:
+``linear_warmup_cosine_iter_lr``, warmup and cosine per iteration), and points LAVIS's ``cache_root`` at
 ``lavis_evlgen.common.paths.cache_root()`` (LAVIS's default is ``/export/home/.cache/lavis``).
 """
 import datetime
@@ -71,6 +72,7 @@ from lavis_evlgen.common.paths import cache_root
 from lavis_evlgen.common.rng import gather_rng_states, loader_seed, restore_rank_rng_state, restore_rng_state
 from lavis_evlgen.runners.distributed import resolve_device
 from lavis_evlgen.runners.nonfinite import NonFiniteGuard
+from lavis_evlgen.runners.schedules import LinearWarmupCosineIterLRScheduler
 
 # LAVIS's dataset builders resolve relative storage paths against cache_root.
 registry.mapping["paths"]["cache_root"] = str(cache_root())
@@ -242,6 +244,14 @@ class EvlgenRunnerMixin:
                 super().optimizer, self.unwrap_dist_model(self.model), self.options.max_nonfinite_steps, self.device
             )
         return self._guard
+
+    @property
+    def lr_scheduler(self):
+        """LAVIS's scheduler; a per-iteration one (``schedules.py``) learns the iterations per (inner) epoch."""
+        scheduler = super().lr_scheduler
+        if isinstance(scheduler, LinearWarmupCosineIterLRScheduler) and scheduler.iters_per_epoch is None:
+            scheduler.iters_per_epoch = self._iters_per_epoch()
+        return scheduler
 
     @property
     def scaler(self):
@@ -440,6 +450,9 @@ class RunnerEvlgen(EvlgenRunnerMixin, RunnerBase):
 
     _position_key = "epoch"
 
+    def _iters_per_epoch(self) -> int:
+        return len(self.train_loader)
+
     def _train_position(self, batches_per_epoch: int) -> tuple[int, int]:
         return self.start_epoch, 0
 
@@ -485,6 +498,9 @@ class RunnerEvlgenIter(EvlgenRunnerMixin, RunnerIter):
     ``run.max_iters``; then test (on the best checkpoint when there are valid splits)."""
 
     _position_key = "iters"
+
+    def _iters_per_epoch(self) -> int:
+        return self.iters_per_inner_epoch
 
     def _train_position(self, batches_per_epoch: int) -> tuple[int, int]:
         return divmod(self.start_iters, batches_per_epoch)
