@@ -9,8 +9,11 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 import lavis_evlgen.tasks  # noqa: F401  (registers the tasks)
+from lavis_evlgen.common.lemmatize import lemmatize_with
 from lavis_evlgen.tasks import EvlgenCaptionTask, EvlgenVQATask, caption_ground_truth, normalize_answer, vqa_accuracy
 from lavis_evlgen.tasks import captioning
+from lavis_evlgen.tasks.captioning import as_id
+from lavis_evlgen.tasks.vqa import vqa_ground_truth
 
 
 class FakeModel:
@@ -124,11 +127,51 @@ def test_vqa_task_accuracy_per_question_type(output_dirs):
 
 def test_vqa_task_errors(output_dirs):
     task = setup(EvlgenVQATask)
-    with pytest.raises(ValueError, match="object has no ground_truth"):
+    with pytest.raises(ValueError, match="object has no ground truth: it needs ground_truth"):
         task.before_evaluation(FakeModel(), object())
     task.before_evaluation(FakeModel(), GroundTruthDataset({7: ["2"] * 10}))
     with pytest.raises(KeyError, match="1 question ids have no answers in GroundTruthDataset"):
         task.after_evaluation([{"question_id": 9, "answer": "2"}], split_name="val", epoch=0)
+
+
+class LavisVQARecords:
+    """A LAVIS VQA eval dataset as far as the task sees it: annotation records, no ground_truth()."""
+
+    def __init__(self, records):
+        self.annotation = records
+
+
+def test_vqa_ground_truth_of_lavis_coco_vqa_ok_vqa_and_gqa_records():
+    # coco_vqa / ok_vqa eval records carry the 10 human answers as a list; gqa's one answer as a str.
+    vqav2 = LavisVQARecords([{"question_id": 262148000, "question": "q", "image": "x.jpg", "answer": ["down"] * 10}])
+    gqa = LavisVQARecords([{"question_id": "20968379", "question": "q", "image": "n1.jpg", "answer": "left"}])
+    assert vqa_ground_truth(vqav2) == {262148000: ["down"] * 10}
+    assert vqa_ground_truth(gqa) == {as_id("20968379"): ["left"]}
+    task = setup(EvlgenVQATask)
+    task.before_evaluation(FakeModel(), gqa)
+    assert task.ground_truth == {as_id("20968379"): ["left"]}
+
+
+def test_lemmatizer_keeps_all_but_nouns_and_verbs():
+    class Token:
+        def __init__(self, text, lemma, pos):
+            self.text, self.lemma_, self.pos_ = text, lemma, pos
+
+    def nlp(answer):
+        table = {"dogs": ("dog", "NOUN"), "running": ("run", "VERB"), "red": ("red", "ADJ"), "is": ("be", "AUX")}
+        return [Token(w, *table[w]) for w in answer.split()]
+
+    assert lemmatize_with(nlp, ["dogs running", "red", "is running"]) == ["dog run", "red", "is run"]
+
+
+def test_lemmatizer_without_its_model_names_the_install_command(monkeypatch):
+    import lavis_evlgen.common.lemmatize as lemmatize_module
+
+    lemmatize_module._nlp.cache_clear()
+    monkeypatch.setattr(lemmatize_module, "SPACY_MODEL", "en_core_web_nope")
+    with pytest.raises((OSError, ImportError), match="python -m spacy download en_core_web_nope"):
+        lemmatize_module.lemmatize(["dogs"])
+    lemmatize_module._nlp.cache_clear()
 
 
 # ---------------------------------------------------------------------- captioning

@@ -20,8 +20,14 @@ from lavis.models.base_model import BaseModel
 from torch import nn
 
 from lavis_evlgen.common.checkpoint import ALLOW_OTHER_MODEL_KEY, StrictCheckpointLoading
+from lavis_evlgen.common.lemmatize import lemmatize
 from lavis_evlgen.models.llm import build_llm
 from lavis_evlgen.models.vision import build_vision_encoder, vision_token_count
+
+# PrefixLMConfig.text_convention's values (see there).
+TEXT_CONVENTIONS = ("newline", "vicuna_authors")
+# The authors' Vicuna tokenizer (method.md section 6; their blip2_vicuna_instruct-style model).
+VICUNA_AUTHORS_SPECIAL_TOKENS = {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"}
 
 # Keys of a model config that are not architecture options: LAVIS's, and the checkpoint loading's.
 LAVIS_BOOKKEEPING_KEYS = {"arch", "model_type", "load_pretrained", "pretrained", "load_finetuned", "finetuned", ALLOW_OTHER_MODEL_KEY}
@@ -68,10 +74,23 @@ class PrefixLMConfig(VisionConfig):
     # Blind-baseline ablation of the soft prompts: None | "zero" (all zeros) | "shuffle" (rolled
     # by one across the batch, so each caption is conditioned on another image).
     prefix_ablation: str | None = None
+    # Fidelity switches (README, "Paper scale"), off here, on in the paper-row configs:
+    # the frozen LLM in train mode while training (its dropout on, as in the authors' OPT runs);
+    llm_train_mode: bool = False
+    # how text meets the LLM: "newline" (captions end with "\n", generation stops there or at EOS)
+    # or "vicuna_authors" (the authors' Vicuna: "</s>" as BOS/EOS/UNK, an added "[PAD]" token,
+    # targets end with "</s>" and never include the BOS, generation stops at "</s>" only);
+    text_convention: str = "newline"
+    # generate()'s repetition penalty when the caller gives none (the authors' Vicuna: 1.5);
+    repetition_penalty: float = 1.0
+    # VQA answers lemmatised (nouns and verbs, spaCy's en_core_web_sm) as the authors' OK-VQA runs.
+    apply_lemmatizer: bool = False
 
     def __post_init__(self):
         if self.prefix_ablation not in (None, "zero", "shuffle"):
             raise ValueError(f"prefix_ablation must be null, 'zero' or 'shuffle', got {self.prefix_ablation!r}")
+        if self.text_convention not in TEXT_CONVENTIONS:
+            raise ValueError(f"text_convention must be one of {TEXT_CONVENTIONS}, got {self.text_convention!r}")
 
 
 def learned_position_limit(llm: nn.Module) -> int | None:
@@ -121,11 +140,17 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
 
         self.llm, self.tokenizer = build_llm(config.llm_model, config.llm_tokenizer, config.llm_precision)
         check_llm_positions(self.llm, config, num_vision_tokens, num_soft_prompts)
+        if config.text_convention == "vicuna_authors":
+            self.tokenizer.add_special_tokens(VICUNA_AUTHORS_SPECIAL_TOKENS)
+            # The added [PAD] row (frozen like the rest; padded positions are masked out).
+            self.llm.resize_token_embeddings(max(len(self.tokenizer), self.llm.get_input_embeddings().num_embeddings))
+            self.text_end, self.stop_token_ids = self.tokenizer.eos_token, [self.tokenizer.eos_token_id]
+        else:
+            # Captions end with "\n" (as in BLIP-2/EVLGen); generation stops there or at EOS.
+            newline_id = self.tokenizer("\n", add_special_tokens=False).input_ids[-1]
+            self.text_end, self.stop_token_ids = "\n", sorted({newline_id, self.tokenizer.eos_token_id})
         self.llm.requires_grad_(False)
         self.llm_proj = nn.Linear(connector_width, self.llm.config.hidden_size)
-        # Captions end with "\n" (as in BLIP-2/EVLGen); generation stops there or at EOS.
-        newline_id = self.tokenizer("\n", add_special_tokens=False).input_ids[-1]
-        self.stop_token_ids = sorted({newline_id, self.tokenizer.eos_token_id})
 
     def build_connector(self, config, vision_width: int) -> int:
         """Create the trainable connector modules; return the width of its output tokens."""
@@ -145,9 +170,10 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode (no dropout, fixed norms) whatever the runner asks."""
+        """Frozen parts stay in eval mode (no dropout, fixed norms) whatever the runner asks; the
+        LLM follows ``mode`` with ``llm_train_mode`` (its dropout in training, weights still frozen)."""
         super().train(mode)
-        self.llm.eval()
+        self.llm.train(mode and self.config.llm_train_mode)
         if self.config.freeze_vit:
             self.visual_encoder.eval()
         return self
@@ -219,18 +245,19 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         return self.caption_loss(prefix, samples)
 
     def caption_loss(self, prefix: torch.Tensor, samples: dict) -> dict:
-        """LM loss of the frozen LLM on the text after ``prefix`` [B, N, D_llm] (labels -100 there and on the prompt)."""
+        """LM loss of the frozen LLM on ``prompt + caption + text_end`` after ``prefix`` [B, N, D_llm]
+        (labels -100 there, on the prompt, and with ``text_convention: vicuna_authors`` on the BOS)."""
         device = prefix.device
         prompt = samples.get("prompt", self.config.prompt)
         prompts = [prompt] * len(samples["text_input"]) if isinstance(prompt, str) else list(prompt)
 
         self.tokenizer.padding_side = "right"
-        text = [p + t + "\n" for p, t in zip(prompts, samples["text_input"])]
+        text = [p + t + self.text_end for p, t in zip(prompts, samples["text_input"])]
         tokens = self.tokenizer(
             text, return_tensors="pt", padding="longest", truncation=True, max_length=self.config.max_txt_len
         ).to(device)
         targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
-        if any(prompts):
+        if any(prompts) or self.config.text_convention == "vicuna_authors":
             # No loss on the prompt: its token count (with any BOS) per sample.
             prompt_lengths = self.tokenizer(prompts, padding=False).input_ids
             for i, ids in enumerate(prompt_lengths):
@@ -274,7 +301,7 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         max_length: int = 30,
         min_length: int = 1,
         top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
+        repetition_penalty: float | None = None,
         length_penalty: float = 1.0,
         num_captions: int = 1,
         temperature: float = 1.0,
@@ -282,7 +309,8 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         """Captions for the batch's visual input (``samples["image"]`` [B, 3, H, W] here; see
         ``encode_visual``), with LAVIS's signature.
 
-        ``max_length``/``min_length`` count new tokens. Returns B * num_captions strings.
+        ``max_length``/``min_length`` count new tokens; ``repetition_penalty`` None: the config's.
+        Returns B * num_captions strings.
         """
         prefix = self.encode_visual(samples)
         prompt = samples.get("prompt", self.config.prompt)
@@ -294,7 +322,7 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
             **(sampling if use_nucleus_sampling else {"num_beams": num_beams}),
             max_new_tokens=max_length,
             min_new_tokens=min_length,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=self.config.repetition_penalty if repetition_penalty is None else repetition_penalty,
             length_penalty=length_penalty,
             num_return_sequences=num_captions,
         )
@@ -318,21 +346,23 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         Args:
             samples: ``image`` [B, 3, H, W] (or what ``encode_visual`` reads), ``text_input`` list of B questions.
         Returns:
-            B answers.
+            B answers (lemmatised with ``apply_lemmatizer``).
         """
         if inference_method != "generate":
             raise ValueError(f"{type(self).__name__} answers by generation only; inference_method={inference_method!r}")
         questions = samples["text_input"]
         questions = [questions] if isinstance(questions, str) else questions
         prompts = [prompt.format(q) for q in questions] if prompt else list(questions)
-        return self._generate_from_prompts(
+        answers = self._generate_from_prompts(
             self.encode_visual(samples),
             prompts,
             num_beams=num_beams,
             max_new_tokens=max_len,
             min_new_tokens=min_len,
             length_penalty=length_penalty,
+            repetition_penalty=self.config.repetition_penalty,
         )
+        return lemmatize(answers) if self.config.apply_lemmatizer else answers
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -39,6 +39,20 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(matches)
 
 
+def vqa_ground_truth(dataset) -> dict:
+    """question_id -> human answers of an eval dataset: ``dataset.ground_truth()`` when it has one
+    (the shapes world), else its LAVIS annotation records {"question_id", "answer": str | list[str]}
+    (LAVIS's ``coco_vqa``, ``ok_vqa``: 10 answers per question; ``gqa``: one)."""
+    if hasattr(dataset, "ground_truth"):
+        return {as_id(q): list(a) for q, a in dataset.ground_truth().items()}
+    records = getattr(dataset, "annotation", None)
+    if not records or not all("question_id" in r and "answer" in r for r in records):
+        raise ValueError(f"{type(dataset).__name__} has no ground truth: it needs ground_truth() (question_id -> "
+                         "list of answers) or annotation records with 'question_id' and 'answer' fields")
+    return {as_id(r["question_id"]): [r["answer"]] if isinstance(r["answer"], str) else list(r["answer"])
+            for r in records}
+
+
 def question_types(dataset) -> dict:
     """question_id -> "question_type" of an eval dataset's annotation records ({} when they carry
     none, as generic VQA datasets; the shapes world's are count, color, shape, position)."""
@@ -96,9 +110,7 @@ class EvlgenVQATask(BaseTask):
     def before_evaluation(self, model, dataset, **kwargs):
         super().before_evaluation(model, dataset, **kwargs)
         self.dataset_name = type(dataset).__name__
-        if not hasattr(dataset, "ground_truth"):
-            raise ValueError(f"{self.dataset_name} has no ground_truth() (question_id -> list of answers)")
-        self.ground_truth = {as_id(q): list(a) for q, a in dataset.ground_truth().items()}
+        self.ground_truth = vqa_ground_truth(dataset)
         self.question_types = question_types(dataset)
 
     def valid_step(self, model, samples):
