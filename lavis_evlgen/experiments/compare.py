@@ -18,15 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from omegaconf import OmegaConf
 
 from lavis_evlgen.common.jobs import REPO_ROOT, launch_job
 from lavis_evlgen.common.run_config import load_config
 from lavis_evlgen.experiments import report
 from lavis_evlgen.experiments.mini import seed_options
+from lavis_evlgen.results.paper import find_row
 
-PAPER_RESULTS = REPO_ROOT / "docs/paper_results.yaml"
 BLIND_OPTIONS = ["run.evaluate=True", "run.train_splits=[]", "run.valid_splits=[]", "run.test_splits=[val]",
                  "model.prefix_ablation=shuffle"]
 
@@ -208,11 +207,8 @@ def time_to_target(run: dict, target: float) -> float | None:
 
 
 def paper_row(selector: dict | None) -> dict | None:
-    if selector is None:
-        return None
-    rows = yaml.safe_load(PAPER_RESULTS.read_text())["zero_shot_main"]["rows"]
-    (match,) = [r for r in rows if all(str(r.get(k)) == v for k, v in selector.items())]
-    return match
+    """The zero_shot_main row of docs/paper_results.yaml a row's selector picks (None: no paper row)."""
+    return None if selector is None else find_row("zero_shot_main", selector)
 
 
 def row_summary(row: Row, runs: list[dict], params: list[int], target: float | None) -> dict:
