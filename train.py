@@ -9,6 +9,7 @@ available.
 import argparse
 import random
 import time
+from urllib.error import URLError
 
 import lavis_evlgen  # noqa: F401  (first: registers the plugin, quiets LAVIS's import-time warnings)
 import lavis.tasks as tasks
@@ -22,6 +23,7 @@ from lavis.common.registry import registry
 
 from lavis_evlgen.common.run_config import DEFAULT_RUNNER, RunConfig
 from lavis_evlgen.datasets.data_check import write_data_check
+from lavis_evlgen.datasets.paper_data import annotation_download_error, check_dataset_files
 from lavis_evlgen.datasets.feature_cache import attach_feature_cache
 from lavis_evlgen.runners import init_distributed_mode
 
@@ -90,7 +92,11 @@ def build_runner(argv=None, test_splits_only: bool = False):
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
-    datasets = build_test_splits(task, cfg) if test_splits_only else task.build_datasets(cfg)
+    check_dataset_files(cfg.datasets_cfg)  # absent images or shards: one message naming them and the remedy
+    try:
+        datasets = build_test_splits(task, cfg) if test_splits_only else task.build_datasets(cfg)
+    except URLError as error:  # LAVIS downloads absent annotation files
+        raise annotation_download_error(cfg.datasets_cfg, error) or error
     model = task.build_model(cfg)
     if cfg.run_cfg.get("feature_cache", False):
         datasets = attach_feature_cache(model, datasets, cfg.run_cfg.get("feature_cache_dir"))

@@ -61,7 +61,8 @@ def test_processor_image_size_must_match_the_model():
 
 
 def test_every_project_config_passes_the_checks():
-    for path in sorted((REPO / "projects").rglob("*.yaml")):
+    # layers/ folders hold partial configs that rows name as their base.
+    for path in sorted(p for p in (REPO / "projects").rglob("*.yaml") if "layers" not in p.parts):
         _config(cfg_path=path)
 
 

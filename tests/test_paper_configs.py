@@ -1,0 +1,97 @@
+"""Weightless tests of every paper-scale config (README, "Paper scale"): each row loads, and its model
+builds on the meta device with the paper's shapes, without a download.
+
+The factories are replaced, for these tests only, by builders of the same architectures from
+explicit configs: LAVIS's EVA ViT-g (its own constructor, the weight download skipped),
+bert-base-uncased's BertConfig for TomeFormer, OPT-2.7b / OPT-6.7b / Vicuna-7b (LLaMA) configs
+for the LLM, and the tiny GPT-2 BPE tokenizer (the shapes checked here do not depend on it).
+"""
+import argparse
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig, OPTConfig
+
+import lavis_evlgen  # noqa: F401  (registers the plugin)
+from lavis.common.registry import registry
+from lavis_evlgen.assets.resolver import resolve_pretrained
+from lavis_evlgen.common.run_config import RunConfig
+from lavis_evlgen.models import prefix_lm
+from lavis_evlgen.models.llm import DTYPES
+from lavis_evlgen.models.tomeformer import TomeFormer
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "projects/evlgen/paper"
+ROWS = sorted(p for p in PAPER.rglob("*.yaml") if "layers" not in p.parts)
+
+# The LLMs' published shapes (their Hugging Face config.json files).
+LLM_CONFIGS = {
+    "facebook/opt-2.7b": OPTConfig(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+                                   vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2560),
+    "facebook/opt-6.7b": OPTConfig(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32,
+                                   vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096),
+    "lmsys/vicuna-7b-v1.3": LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                                        num_attention_heads=32, vocab_size=32000, max_position_embeddings=2048),
+}
+# 12 TomeFormer layers of r=19 into OPT-2.7b: what the authors' model trains (issue 10).
+PAPER_TRAINABLE = 88_504_320
+# One bert-base layer (attention 4 x 768^2 + biases + FFN 2 x 768 x 3072 + biases + 2 LayerNorms).
+BERT_LAYER = 7_087_872
+
+
+def _config(path: Path, *options: str) -> RunConfig:
+    return RunConfig(argparse.Namespace(cfg_path=str(path), options=list(options) or None))
+
+
+def _weightless_llm(llm_model, llm_tokenizer=None, precision="fp16"):
+    model = AutoModelForCausalLM.from_config(LLM_CONFIGS[llm_model], torch_dtype=DTYPES[precision])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("evlgen-tiny/opt"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+def _weightless_model(model_cfg):
+    """The row's model on the meta device: no weights read or downloaded."""
+    model_cls = registry.get_model_class(model_cfg.arch)
+    patches = [
+        mock.patch("lavis.models.eva_vit.download_cached_file", return_value="no-weights"),
+        mock.patch("torch.load", return_value={}),
+        mock.patch.object(prefix_lm, "build_llm", _weightless_llm),
+        mock.patch.object(TomeFormer, "from_pretrained",
+                          classmethod(lambda cls, name, num_layers=None, **kw: cls.from_bert_config(BertConfig(), num_layers, **kw))),
+    ]
+    with torch.device("meta"), patches[0], patches[1], patches[2], patches[3]:
+        return model_cls.from_config(model_cfg)
+
+
+@pytest.mark.parametrize("path", ROWS, ids=[str(p.relative_to(PAPER)) for p in ROWS])
+def test_every_paper_row_loads_and_names_its_model(path):
+    cfg = _config(path, "model.finetuned=ckpt.pth", "model.stage1_checkpoint=null")
+    assert cfg.model_cfg.arch in ("evlgen_opt", "evlgen_vicuna", "blip2_baseline", "blip2_baseline_opt")
+    assert cfg.run_cfg.output_dir.startswith("output/evlgen/paper/")
+
+
+def _row_model(name: str):
+    return _weightless_model(_config(PAPER / f"{name}.yaml").model_cfg)
+
+
+@pytest.mark.slow
+def test_paper_model_shapes_on_the_meta_device():
+    model = _row_model("pretrain_opt2.7b_250k")
+    assert model.connector.token_counts(257) == [257 - 19 * k for k in range(13)]  # 257 -> ... -> 29
+    assert model.connector.token_counts(257)[-1] == 29 and len(model.connector.encoder.layer) == 12
+    assert model.visual_encoder.num_features == 1408 and model.llm.config.hidden_size == 2560
+    assert model.llm_proj.weight.shape == (2560, 768)
+    assert model.num_trainable_parameters() == PAPER_TRAINABLE
+    assert model.config.llm_train_mode and model.train().llm.training
+
+    half = _row_model("pretrain_opt2.7b_half_depth_90k")
+    assert half.connector.token_counts(257) == [257, 219, 181, 143, 105, 67, 29]
+    assert half.num_trainable_parameters() == PAPER_TRAINABLE - 6 * BERT_LAYER == 46_077_088
+
+    vicuna = _row_model("pretrain_vicuna7b")
+    assert vicuna.llm.config.hidden_size == 4096 and vicuna.llm_proj.weight.shape == (4096, 768)
+    assert vicuna.connector.token_counts(257)[-1] == 29
+    assert vicuna.config.text_convention == "vicuna_authors" and vicuna.config.repetition_penalty == 1.5
