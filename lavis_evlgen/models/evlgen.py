@@ -21,9 +21,7 @@ from transformers import BertConfig
 
 from lavis_evlgen.assets.resolver import resolve_pretrained
 from lavis_evlgen.common.checkpoint import ForeignLayout
-from lavis_evlgen.common.checkpoint import ForeignLayout
 from lavis_evlgen.common.paths import model_type_configs
-from lavis_evlgen.models import authors_layout
 from lavis_evlgen.models import authors_layout
 from lavis_evlgen.models.merge import capped_merges, merged_token_counts, parse_r
 from lavis_evlgen.models.prefix_lm import PrefixLM, PrefixLMConfig
@@ -117,10 +115,6 @@ class EVLGen(SCSTMixin, PrefixLM):
     def schedule_token_counts(self, num_vision_tokens: int) -> list[int]:
         """Token counts through the merge schedule: [num_vision_tokens, after layer 1, ..., soft prompts]."""
         return merged_token_counts(num_vision_tokens, self.merge_schedule, protected=1)
-
-    def foreign_layout(self, checkpoint: dict) -> ForeignLayout | None:
-        """The authors' released checkpoints (``liptome_*``) load by their names (``models/authors_layout.py``)."""
-        return authors_layout.translate(checkpoint, self)
 
     def foreign_layout(self, checkpoint: dict) -> ForeignLayout | None:
         """The authors' released checkpoints (``liptome_*``) load by their names (``models/authors_layout.py``)."""
