@@ -87,6 +87,7 @@ def check_outputs(summary, results: Path, rows, seeds=(0,)):
         assert image.format == "PNG" and image.size[0] > 400
 
 
+@pytest.mark.slow
 def test_compare_two_rows_end_to_end(tmp_path):
     rows = ["blip2_two_stage", "evlgen_half_depth"]
     compare, summary = run_compare(tmp_path, rows)

@@ -79,6 +79,7 @@ def test_probe_accuracy_separates_signal_from_noise():
     assert probe_accuracy(noise[:200], labels[:200], noise[200:], labels[200:]) < 60
 
 
+@pytest.mark.slow
 def test_probe_model_reports_every_stage(tmp_path):
     from lavis_evlgen.datasets.shapes_world import generate_shapes_world
 
