@@ -57,7 +57,7 @@ def test_table_verdicts_and_figure(tmp_path):
                "points": summaries, "verdicts": sweep.verdicts(summaries, 65, 2)}
     assert ("- ToMe r=[18, 18], 2 layers vs avg pool to 29, 2 BERT layers, val CIDEr: 82.0 ± 2.8 vs 61.0 ± 1.4: "
             "difference +21.0, exceeds the spread") in summary["verdicts"]
-    assert any("ToMe r=[0, 0], 2 layers 2.00 ± 0.00 min, ToMe r=[18, 18], 2 layers 1.00 ± 0.00 min (2.00x)" in line
+    assert any("ToMe r=[0, 0], 2 layers 2.00 ± 0.00 min, ToMe r=[18, 18], 2 layers 1.00 ± 0.00 min (every token: 2.00x the time)" in line
                for line in summary["verdicts"])
     table = sweep.markdown(summary)
     assert "| avg pool to 29, 2 BERT layers | avgpool | 2 | [18, 18] | 29 | 0.00M | 1.00 ± 0.00 | 61.0 ± 1.4 |" in table

@@ -167,7 +167,7 @@ def verdicts(points: list[dict], num_tokens: int, base_layers: int) -> list[str]
                 compare(p, full, "CIDEr")
                 ratio = full["train_minutes"]["mean"] / p["train_minutes"]["mean"]
                 lines.append(f"  training time: {full['label']} {report.fmt(full['train_minutes'], 2)} min, "
-                             f"{p['label']} {report.fmt(p['train_minutes'], 2)} min ({ratio:.2f}x)")
+                             f"{p['label']} {report.fmt(p['train_minutes'], 2)} min (every token: {ratio:.2f}x the time)")
     return lines
 
 
