@@ -142,8 +142,10 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         check_llm_positions(self.llm, config, num_vision_tokens, num_soft_prompts)
         if config.text_convention == "vicuna_authors":
             self.tokenizer.add_special_tokens(VICUNA_AUTHORS_SPECIAL_TOKENS)
-            # The added [PAD] row (frozen like the rest; padded positions are masked out).
-            self.llm.resize_token_embeddings(max(len(self.tokenizer), self.llm.get_input_embeddings().num_embeddings))
+            # The added [PAD] row, randomly initialised as in the authors' transformers (no mean
+            # resizing), frozen like the rest; padded positions are masked out.
+            self.llm.resize_token_embeddings(max(len(self.tokenizer), self.llm.get_input_embeddings().num_embeddings),
+                                             mean_resizing=False)
             self.text_end, self.stop_token_ids = self.tokenizer.eos_token, [self.tokenizer.eos_token_id]
         else:
             # Captions end with "\n" (as in BLIP-2/EVLGen); generation stops there or at EOS.
