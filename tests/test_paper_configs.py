@@ -20,6 +20,7 @@ import lavis_evlgen  # noqa: F401  (registers the plugin)
 from lavis.common.registry import registry
 from lavis_evlgen.assets.resolver import resolve_pretrained
 from lavis_evlgen.common.run_config import RunConfig
+from lavis_evlgen.datasets.paper_data import DataMissingError, annotation_download_error, check_dataset_files
 from lavis_evlgen.models import prefix_lm
 from lavis_evlgen.models.llm import DTYPES
 from lavis_evlgen.models.tomeformer import TomeFormer
@@ -101,3 +102,27 @@ def test_paper_model_shapes_on_the_meta_device():
     assert vicuna.llm.config.hidden_size == 4096 and vicuna.llm_proj.weight.shape == (4096, 768)
     assert vicuna.connector.token_counts(257)[-1] == 29
     assert vicuna.config.text_convention == "vicuna_authors" and vicuna.config.repetition_penalty == 1.5
+
+
+def test_absent_data_is_named_with_the_key_and_the_remedy(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVLGEN_CACHE", str(tmp_path))
+    coco = {"coco_caption": {"build_info": {"images": {"storage": "coco/images/"}, "annotations": {}}}}
+    with pytest.raises(DataMissingError, match=rf"dataset coco_caption: the image folder not found at {tmp_path}/coco/images "
+                                               r"\(config key datasets.coco_caption.build_info.images.storage.*cocodataset.org"):
+        check_dataset_files(coco)
+    (tmp_path / "coco/images").mkdir(parents=True)
+    check_dataset_files(coco)
+
+    (tmp_path / "ccs14m").mkdir()
+    (tmp_path / "ccs14m/00000.tar").touch()
+    shards = {"ccs14M": {"build_info": {"storage": "ccs14m/{00000..00001}.tar"}}}
+    with pytest.raises(DataMissingError, match=r"dataset ccs14M: 1 of 2 webdataset shards \(first: 00001.tar\).*"
+                                               r"ccs_synthetic_filtered_large.json.*img2dataset"):
+        check_dataset_files(shards)
+
+    annotations = {"coco_caption": {"build_info": {"annotations": {"val": {"url": "https://x/val.json", "storage": "a/val.json"}}}}}
+    error = annotation_download_error(annotations, OSError("Name or service not known"))
+    assert f"dataset coco_caption, split val: {tmp_path}/a/val.json (from https://x/val.json)" in str(error)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/val.json").write_text("[]")
+    assert annotation_download_error(annotations, OSError("other")) is None
