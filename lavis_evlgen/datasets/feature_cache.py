@@ -177,12 +177,13 @@ def ensure_cache(root: Path, meta: dict, images: list[str], vit: nn.Module, proc
     rank, world = _dist()
     tmp = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         _, first = _Pixels(vis_root, images, [0], processor)[0]
         with torch.no_grad():
             probe = vit(first[None].to(device=device, dtype=next(vit.parameters()).dtype))
-        np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=_numpy_dtype(probe.dtype),
+        dtype = _numpy_dtype(probe.dtype)  # before anything is written: a refusal leaves nothing behind
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=dtype,
                                   shape=(len(images), *probe.shape[1:])).flush()
     tmp = Path(_broadcast(str(tmp)))
     try:
