@@ -54,10 +54,6 @@ ROWS = [
 HEADLINE_ROWS = ("blip2_two_stage", "evlgen_half_depth", "evlgen_two_layers")
 
 
-def stage(message: str, start: float) -> None:
-    print(f"==== [{(time.time() - start) / 60:5.1f} min] {message}", flush=True)
-
-
 # ---------------------------------------------------------------------------- configs
 def model_config(cfg_path: Path, options: list[str]):
     """The model section LAVIS would build from ``cfg_path`` + ``options``: model-type defaults < project < options."""
@@ -147,7 +143,7 @@ def run_row(row: Row, seed: int, args, row_dir: Path, start: float) -> dict:
         options = caption_seed + list(args.options)
         if stage1_checkpoint is not None:
             options.append(f"model.stage1_checkpoint={stage1_checkpoint}")
-        stage(f"{row.label}, seed {seed}: training {cfg.name}", start)
+        report.stage(f"{row.label}, seed {seed}: training {cfg.name}", start)
         t0 = time.time()
         job = launch_job("train.py", cfg, args.nproc, row_dir / name, options, log=row_dir / f"{name}.log")
         seconds, _ = read_training_log(job)
@@ -163,7 +159,7 @@ def run_row(row: Row, seed: int, args, row_dir: Path, start: float) -> dict:
     if len(row.configs) > 1:
         trained.append("model.stage1_checkpoint=null")  # the finetuned checkpoint holds the whole Q-Former
 
-    stage(f"{row.label}, seed {seed}: zero-shot VQA (test) and blind captions (val, shuffled soft prompts)", start)
+    report.stage(f"{row.label}, seed {seed}: zero-shot VQA (test) and blind captions (val, shuffled soft prompts)", start)
     vqa_cfg = row_dir / "vqa.yaml"
     vqa = load_config(args.vqa_config)
     vqa.model = load_config(cfg).model
@@ -408,6 +404,29 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def runs_over_seeds(items, seeds: list[int], output_dir: Path, options: list[str], run_one, outcome, start: float) -> dict:
+    """Every (item, seed) of an experiment (comparison rows, sweep points: anything with ``key`` and
+    ``label``), seeds outermost: reused from ``output_dir/seed<k>/<key>/row.json`` when it was made with
+    the same ``options``, else ``run_one(item, seed, item_dir)``, then ``outcome(run)`` printed. A failed
+    job ends the experiment with the item and seed named. Returns key -> runs in seed order."""
+    runs = {}
+    for seed in seeds:
+        for item in items:
+            item_dir = output_dir / f"seed{seed}" / item.key
+            run = finished_run(item_dir, options)
+            if run is not None:
+                report.stage(f"{item.label}, seed {seed}: reusing {item_dir / 'row.json'}", start)
+            else:
+                try:
+                    run = run_one(item, seed, item_dir)
+                except subprocess.CalledProcessError as error:
+                    raise SystemExit(f"{item.label}, seed {seed} failed (exit {error.returncode}); "
+                                     f"{error.output or ''}") from error
+                report.stage(f"{item.label}, seed {seed}: {outcome(run)}", start)
+            runs.setdefault(item.key, []).append(run)
+    return runs
+
+
 def run_comparison(rows: list[Row], args) -> dict:
     """Run (or reuse) every (row, seed), then write and return the summary."""
     for row in rows:
@@ -415,25 +434,15 @@ def run_comparison(rows: list[Row], args) -> dict:
             if not (args.config_dir / f"{name}.yaml").is_file():
                 raise FileNotFoundError(f"row {row.key!r} needs {args.config_dir / name}.yaml")
     start = time.time()
-    stage("preparing data and pretrained parts; counting trainable parameters", start)
+    report.stage("preparing data and pretrained parts; counting trainable parameters", start)
     params = prepare(args.config_dir, rows, args.options, args.seeds)
-    runs = {}
-    for seed in args.seeds:
-        for row in rows:
-            row_dir = args.output_dir / f"seed{seed}" / row.key
-            run = finished_run(row_dir, args.options)
-            if run is not None:
-                stage(f"{row.label}, seed {seed}: reusing {row_dir / 'row.json'}", start)
-            else:
-                try:
-                    run = run_row(row, seed, args, row_dir, start)
-                except subprocess.CalledProcessError as error:
-                    raise SystemExit(f"{row.label}, seed {seed} failed (exit {error.returncode}); {error.output or ''}") \
-                        from error
-                stage(f"{row.label}, seed {seed}: val CIDEr {run['val']['CIDEr']:.1f} "
-                      f"(blind {run['val_blind']['CIDEr']:.1f}), {run['train_seconds'] / 60:.1f} train min", start)
-            runs.setdefault(row.key, []).append(run)
+    runs = runs_over_seeds(
+        rows, args.seeds, args.output_dir, args.options, lambda row, seed, row_dir: run_row(row, seed, args, row_dir, start),
+        lambda run: f"val CIDEr {run['val']['CIDEr']:.1f} (blind {run['val_blind']['CIDEr']:.1f}), "
+                    f"{run['train_seconds'] / 60:.1f} train min",
+        start,
+    )
     summary = summarize(rows, runs, params, args)
-    stage(f"done; written {args.results_dir / 'results.md'}, results.json, convergence.png", start)
+    report.stage(f"done; written {args.results_dir / 'results.md'}, results.json, convergence.png", start)
     print((args.results_dir / "results.md").read_text())
     return summary

@@ -32,10 +32,6 @@ def seed_options(seed: int, dataset: str) -> list[str]:
     return [f"run.seed={seed}", f"datasets.{dataset}.build_info.seed={seed}"]
 
 
-def stage(message: str, start: float) -> None:
-    print(f"\n==== [{time.time() - start:6.0f} s] {message}", flush=True)
-
-
 def prepare(model_type: str, seeds: list[int], options: list[str]) -> None:
     """Build each seed's world and every pretrained part the model type names (cached after the first run)."""
     from lavis_evlgen.assets.resolver import resolve_pretrained
@@ -67,7 +63,7 @@ def run_seed(seed: int, model_type: str, nproc: int, out: Path, options: list[st
     """
     base = [f"model.model_type={model_type}"] + seed_options(seed, "shapes_caption")
     seed_start = time.time()
-    stage(f"seed {seed}: training EVLGen captioning", start)
+    report.stage(f"seed {seed}: training EVLGen captioning", start)
     train_job = launch_job("train.py", CAPTION_CFG, nproc, out / "train", base + options, log=out / "train.log")
     train_seconds = time.time() - seed_start
     checkpoint = train_job / "checkpoint_best.pth"
@@ -79,7 +75,7 @@ def run_seed(seed: int, model_type: str, nproc: int, out: Path, options: list[st
     scores = {}
     for name, ablation in MODELS.items():
         tag = "blind" if ablation else "eval"
-        stage(f"seed {seed}: evaluating {name}: captions (val, test), zero-shot VQA (test)", start)
+        report.stage(f"seed {seed}: evaluating {name}: captions (val, test), zero-shot VQA (test)", start)
         caption_job = launch_job("evaluate.py", CAPTION_CFG, nproc, out / f"{tag}_caption",
                                  trained + caption_opts + ablation, log=out / f"{tag}_caption.log")
         vqa_job = launch_job("evaluate.py", VQA_CFG, nproc, out / f"{tag}_vqa", trained + vqa_opts + ablation,
@@ -152,20 +148,20 @@ def run_main_job(seeds: list[int], model_type: str, nproc: int, output_dir: Path
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers, got {seeds}")
     start = time.time()
-    stage("preparing data and pretrained parts (cached after the first run)", start)
+    report.stage("preparing data and pretrained parts (cached after the first run)", start)
     prepare(model_type, seeds, options)
     results = []
     for seed in seeds:
         out = output_dir / f"seed{seed}"
         result = finished_seed(out, seed, model_type, options + vqa_options)
         if result is not None:
-            stage(f"seed {seed}: reusing {out / 'scores.json'}", start)
+            report.stage(f"seed {seed}: reusing {out / 'scores.json'}", start)
         else:
             result = run_seed(seed, model_type, nproc, out, options, vqa_options, start)
         results.append(result)
         evlgen = result["scores"]["EVLGen"]["val"]
         blind = result["scores"]["blind (shuffled soft prompts)"]["val"]
-        stage(f"seed {seed}: val CIDEr {evlgen['CIDEr']:.1f} (blind {blind['CIDEr']:.1f}), count acc "
+        report.stage(f"seed {seed}: val CIDEr {evlgen['CIDEr']:.1f} (blind {blind['CIDEr']:.1f}), count acc "
               f"{evlgen['count acc']:.1f}, pair F1 {evlgen['pair F1']:.1f} (blind {blind['pair F1']:.1f})", start)
 
     summary = {
@@ -183,7 +179,7 @@ def run_main_job(seeds: list[int], model_type: str, nproc: int, output_dir: Path
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "summary.md").write_text(markdown(summary))
-    stage(f"done: {len(seeds)} seeds", start)
+    report.stage(f"done: {len(seeds)} seeds", start)
     print(markdown(summary))
     print(f"written: {output_dir / 'summary.md'}, {output_dir / 'summary.json'}")
     return summary

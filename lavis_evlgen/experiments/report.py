@@ -8,6 +8,7 @@ when it exceeds the sum of their spreads (``exceeds_spread``).
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 # pycocoevalcap key -> column label; these scores are fractions, shown x100.
@@ -93,3 +94,8 @@ def machine() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     return (f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}, "
             f"{threads} thread(s) per job process, {platform.system()}")
+
+
+def stage(message: str, start: float) -> None:
+    """A progress line of a long experiment: minutes since ``start``, then the message."""
+    print(f"==== [{(time.time() - start) / 60:5.1f} min] {message}", flush=True)

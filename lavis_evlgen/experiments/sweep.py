@@ -19,7 +19,6 @@ training steps (validation excluded). Finished (point, seed) runs (``OUTPUT_DIR/
 made with the same options are reused.
 """
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from omegaconf import OmegaConf
 from lavis_evlgen.common.jobs import REPO_ROOT, launch_job
 from lavis_evlgen.common.run_config import load_config
 from lavis_evlgen.experiments import report
-from lavis_evlgen.experiments.compare import Row, count_trainable, finished_run, model_config, prepare, \
-    read_training_log, with_curve
+from lavis_evlgen.experiments.compare import Row, count_trainable, model_config, prepare, read_training_log, \
+    runs_over_seeds, with_curve
 from lavis_evlgen.experiments.mini import seed_options
 from lavis_evlgen.models.merge import schedule_to_count
 
@@ -103,10 +102,6 @@ def base_shape(cfg_path: Path, options: list[str]) -> tuple[int, int]:
     model_cls, cfg = model_config(cfg_path, options)
     model = model_cls.from_config(cfg)
     return vision_token_count(model.visual_encoder, cfg.vit_model, cfg.image_size), model.connector.num_layers
-
-
-def stage(message: str, start: float) -> None:
-    print(f"==== [{(time.time() - start) / 60:5.1f} min] {message}", flush=True)
 
 
 def run_point(point: Point, seed: int, args, point_dir: Path) -> dict:
@@ -254,7 +249,7 @@ def run_sweep(args) -> dict:
     """Run (or reuse) every (point, seed); write results.json, results.md and r_sweep.png to
     ``args.results_dir``; return the summary."""
     start = time.time()
-    stage("preparing data and pretrained parts (cached after the first run)", start)
+    report.stage("preparing data and pretrained parts (cached after the first run)", start)
     prepare(args.config.parent, [Row("base", "base config", [args.config.stem])], args.options, args.seeds)
     num_tokens, base_layers = base_shape(args.config, args.options)
     points = sweep_points(num_tokens, base_layers, args.tokens, args.layers, args.depth_tokens)
@@ -262,23 +257,13 @@ def run_sweep(args) -> dict:
     for p in points:
         print(f"  {p.key}: {p.label}, {params[p.key]:,} trainable parameters", flush=True)
 
-    runs = {}
-    for seed in args.seeds:
-        for p in points:
-            point_dir = args.output_dir / f"seed{seed}" / p.key
-            run = finished_run(point_dir, args.options)
-            if run is not None:
-                stage(f"{p.label}, seed {seed}: reusing {point_dir / 'row.json'}", start)
-            else:
-                stage(f"{p.label}, seed {seed}: training", start)
-                try:
-                    run = run_point(p, seed, args, point_dir)
-                except subprocess.CalledProcessError as error:
-                    raise SystemExit(f"{p.label}, seed {seed} failed (exit {error.returncode}); {error.output or ''}") \
-                        from error
-                stage(f"{p.label}, seed {seed}: val CIDEr {run['val']['CIDEr']:.1f}, "
-                      f"{run['train_seconds'] / 60:.2f} train min", start)
-            runs.setdefault(p.key, []).append(run)
+    def train_point(point, seed: int, point_dir: Path) -> dict:
+        report.stage(f"{point.label}, seed {seed}: training", start)
+        return run_point(point, seed, args, point_dir)
+
+    runs = runs_over_seeds(points, args.seeds, args.output_dir, args.options, train_point,
+                           lambda run: f"val CIDEr {run['val']['CIDEr']:.1f}, {run['train_seconds'] / 60:.2f} train min",
+                           start)
 
     summaries = [point_summary(p, runs[p.key], params[p.key]) for p in points]
     summary = {
@@ -301,6 +286,6 @@ def run_sweep(args) -> dict:
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary))
     plot(summary, out / "r_sweep.png")
-    stage(f"done; written {out / 'results.md'}, results.json, r_sweep.png", start)
+    report.stage(f"done; written {out / 'results.md'}, results.json, r_sweep.png", start)
     print(markdown(summary))
     return summary
