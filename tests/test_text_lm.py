@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lavis_evlgen.assets.text_lm import pretrain_text_lm, shapes_corpus
+from lavis_evlgen.assets.text_lm import pretrain_text_lm, shapes_corpus, video_corpus
+from lavis_evlgen.datasets.shapes_video import generate_shapes_video
 from lavis_evlgen.datasets.shapes_world import generate_shapes_world
 
 
@@ -25,6 +26,17 @@ def test_corpus_is_train_text_only(world):
     assert any("Question: " in d and " Short answer: " in d for d in docs)
     pairs = [d for d in docs if d.count("\n") == 2 and d.endswith("\n")]
     assert pairs and all(set(p.split("\n")[:2]) <= train for p in pairs)
+
+
+def test_video_corpus_is_train_captions_and_caption_pairs(tmp_path):
+    video_world = generate_shapes_video(tmp_path / "v", seed=1, num_train=3, num_val=1, num_test=1, num_frames=8,
+                                        frame_size=64)
+    train = [r["caption"] for r in json.loads((video_world / "captions_train.json").read_text())]
+    docs = video_corpus(video_world)
+    assert sorted(d[:-1] for d in docs if d.count("\n") == 1) == sorted(train)
+    pairs = [d.split("\n")[:2] for d in docs if d.count("\n") == 2]
+    clip_of = {r["caption"]: r["image_id"] for r in json.loads((video_world / "captions_train.json").read_text())}
+    assert len(pairs) == len(train) and all(clip_of[a] == clip_of[b] for a, b in pairs)
 
 
 def test_pretrain_saves_loadable_lm_without_bos(world, tmp_path):

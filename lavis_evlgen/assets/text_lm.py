@@ -1,9 +1,9 @@
 """A small LLaMA-architecture LM pretrained in-house on text only (the mini world's fast LLM).
 
 EVLGen's LLM must be pretrained on its own modality before the connector trains. Real LLMs
-are too slow for a minutes-long CPU run, so the mini world pretrains one from scratch on the
-text of its training split: a byte-level BPE tokenizer fitted to the corpus, then a few hundred
-steps of next-token prediction. The LM never sees an image.
+are too slow for a minutes-long CPU run, so the mini worlds pretrain one from scratch on the
+text of their training splits (image world and video world): a byte-level BPE tokenizer fitted to
+the corpus, then some hundred steps of next-token prediction. The LM never sees an image.
 """
 import json
 import logging
@@ -15,6 +15,8 @@ import torch
 from tqdm import tqdm
 
 DEFAULT_LM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=512)
+# Pretraining steps of the shapes-lm asset (batch 32): ~1.1 passes over its ~38k documents.
+LM_STEPS = 1200
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
 
@@ -103,16 +105,25 @@ def pretrain_text_lm(
     return out_dir
 
 
-def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
-    """Text-only documents from the *train* split of a shapes world.
+def caption_documents(captions: list[dict], rng) -> list[str]:
+    """Each reference caption followed by "\n" (EVLGen's caption format), and each caption followed
+    by another caption of the same image or clip (records grouped by ``image_id``): the LM learns to
+    describe a scene that its context describes -- the soft prompts later take that context's place."""
+    from collections import defaultdict
 
-    Three kinds, all built from the training text alone (val/test text is never used):
-    - each reference caption followed by "\n" (EVLGen's caption format);
-    - a caption followed by another caption of the same image: the LM learns to describe a scene
-      that its context describes -- the image soft prompts later take that context's place;
-    - a caption followed by ``"Question: {q} Short answer: {a}"`` about the same image, so that
-      zero-shot VQA can read the answer off the context in the same way.
-    """
+    by_item = defaultdict(list)
+    for record in captions:
+        by_item[record["image_id"]].append(record["caption"])
+    docs = [record["caption"] + "\n" for record in captions]
+    for refs in by_item.values():
+        docs += [f"{a}\n{b}\n" for a, b in zip(refs, rng.sample(refs, len(refs)))]
+    return docs
+
+
+def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
+    """Text-only documents from the *train* split of a shapes world (val/test text is never used):
+    ``caption_documents``, and a caption followed by ``"Question: {q} Short answer: {a}"`` about the
+    same image, so that zero-shot VQA can read the answer off the context in the same way."""
     import random
     from collections import Counter, defaultdict
 
@@ -121,21 +132,30 @@ def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
     questions = json.loads((world_root / "vqa_train.json").read_text())
     by_image = defaultdict(list)
     for record in captions:
-        by_image[record["image"]].append(record["caption"])
+        by_image[record["image_id"]].append(record["caption"])
     rng = random.Random(seed)
-    docs = [record["caption"] + "\n" for record in captions]
-    for refs in by_image.values():
-        docs += [f"{a}\n{b}\n" for a, b in zip(refs, rng.sample(refs, len(refs)))]
+    docs = caption_documents(captions, rng)
     for q in questions:
         answer = Counter(q["answer"]).most_common(1)[0][0]
-        docs.append(f"{rng.choice(by_image[q['image']])}\nQuestion: {q['question']} Short answer: {answer}")
+        docs.append(f"{rng.choice(by_image[q['image_id']])}\nQuestion: {q['question']} Short answer: {answer}")
     return docs
 
 
+def video_corpus(video_root: Path, seed: int = 0) -> list[str]:
+    """``caption_documents`` of the *train* split of a shapes video world (its verbs: moves, appears,
+    turns, then ...), so that the frozen LM of the video rows can say what happens in a clip."""
+    import random
+
+    captions = json.loads((Path(video_root) / "captions_train.json").read_text())
+    return caption_documents(captions, random.Random(seed))
+
+
 def build_shapes_lm(out_dir: Path) -> dict:
-    """Builder of the ``evlgen-mini/shapes-lm`` asset: pretrain on the default shapes world's train text."""
+    """Builder of the ``evlgen-mini/shapes-lm`` asset: pretrain on the train text of the default
+    shapes world and of the default shapes video world (one LM serves the image and the video rows)."""
+    from lavis_evlgen.datasets.shapes_video import ensure_shapes_video
     from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
 
-    world = ensure_shapes_world()
-    pretrain_text_lm(shapes_corpus(world), out_dir)
-    return {"corpus": str(world), **json.loads((Path(out_dir) / "pretrain_log.json").read_text())}
+    world, video_world = ensure_shapes_world(), ensure_shapes_video()
+    pretrain_text_lm(shapes_corpus(world) + video_corpus(video_world), out_dir, steps=LM_STEPS)
+    return {"corpus": [str(world), str(video_world)], **json.loads((Path(out_dir) / "pretrain_log.json").read_text())}
