@@ -1,13 +1,15 @@
 """The experiment library behind run_mini.py and probe_mini.py: statistics over seeds, tables, resume
 rules, linear probes (tiny world and model)."""
 import json
+import math
 
 import pytest
 import torch
 from lavis.models import load_model_and_preprocess
 
 from lavis_evlgen.experiments import mini, report
-from lavis_evlgen.experiments.probe import TARGETS, probe_accuracy, probe_model, scene_labels
+from lavis_evlgen.experiments.probe import (TARGETS, probe_accuracy, probe_model, scene_labels, set_f1, set_targets,
+                                           supervised_connector)
 
 
 def test_mean_std_and_format():
@@ -91,3 +93,25 @@ def test_probe_model_reports_every_stage(tmp_path):
     results = probe_model(model, vis["eval"], world, num_train=12, num_val=6)
     assert {"chance", "ViT layer 1", "ViT layer 2", "connector output", "soft prompts"} <= set(results)
     assert all(set(scores) == set(TARGETS) for scores in results.values())
+
+
+def test_set_targets_and_f1_count_pairs_of_the_scene():
+    scenes = [{"objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "circle"}]}]
+    truth = set_targets(scenes)
+    assert truth.shape == (1, 34) and truth.sum() == 2 + 2 + 2
+    assert set_f1(truth, truth) == {"colour F1": 100.0, "shape F1": 100.0, "pair F1": 100.0}
+    swapped = set_targets([{"objects": [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "star"}]}])
+    assert set_f1(swapped, truth) == {"colour F1": 100.0, "shape F1": 100.0, "pair F1": 0.0}
+
+
+def test_supervised_connector_trains_only_the_trainable_parts(tmp_path):
+    from lavis_evlgen.datasets.shapes_world import generate_shapes_world
+
+    world = generate_shapes_world(tmp_path / "world", seed=0, num_train=12, num_val=6, num_test=2, image_size=64)
+    torch.manual_seed(0)
+    model, vis, _ = load_model_and_preprocess("evlgen_vicuna", "tiny", is_eval=True)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("visual_encoder.", "llm."))}
+    rows = supervised_connector(model, vis["eval"], world, steps=4, every=2, batch_size=4, num_train=12, num_val=6)
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all(0.0 <= row["pair F1"] <= 100.0 and math.isfinite(row["loss"]) for row in rows)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())

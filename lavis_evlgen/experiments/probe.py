@@ -11,6 +11,13 @@ output and the soft prompts the LLM reads (each mean over tokens). Targets per i
 
 A stage where a probe fails cannot pass that content on; the first stage where it drops is where
 it is lost. Trained parts are probed with the weights of ``checkpoint`` (untrained without one).
+
+``supervised_connector``: a second question. Can the connector *learn* to pass colour, shape and
+colour-shape pairs within the main job's step budget when it is told what to pass? It trains the
+model's trainable parts (connector, projections) with binary cross-entropy from linear heads on the
+soft prompts' mean to the scene's colour, shape and pair sets, at the caption job's batch and lr,
+and reports val F1 every ``every`` steps. If it can, the caption loss, not the visual path, is what
+fails to teach colour (README, "Where colour is lost").
 """
 import json
 from pathlib import Path
@@ -22,6 +29,7 @@ from tqdm import tqdm
 from lavis_evlgen.datasets.shapes_world import COLORS, SHAPES
 
 TARGETS = ("colour set", "shape set", "count")
+PAIRS = tuple((colour, shape) for colour in COLORS for shape in SHAPES)
 
 
 def scene_labels(scenes: list[dict]) -> dict[str, torch.Tensor]:
@@ -105,3 +113,65 @@ def probe_model(model, vis_processor, world: Path, num_train: int = 800, num_val
         results[stage] = {target: probe_accuracy(train_f[stage], train_y[target], val_f[stage], val_y[target])
                           for target in TARGETS}
     return results
+
+
+def set_targets(scenes: list[dict]) -> torch.Tensor:
+    """Colour, shape and colour-shape pair sets of each scene, concatenated: [N, 6 + 4 + 24] (0/1)."""
+    labels = scene_labels(scenes)
+    pairs = torch.tensor([[pair in {(o["color"], o["shape"]) for o in s["objects"]} for pair in PAIRS]
+                          for s in scenes]).float()
+    return torch.cat([labels["colour set"], labels["shape set"], pairs], 1)
+
+
+def set_f1(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Micro F1 (%) of predicted 0/1 sets [N, 34] (``set_targets``' layout) per group: colour, shape, pair."""
+    groups = {"colour F1": slice(0, len(COLORS)), "shape F1": slice(len(COLORS), len(COLORS) + len(SHAPES)),
+              "pair F1": slice(len(COLORS) + len(SHAPES), None)}
+    out = {}
+    for name, cols in groups.items():
+        p, t = predicted[:, cols], truth[:, cols]
+        out[name] = 100.0 * 2 * (p * t).sum().item() / max((p.sum() + t.sum()).item(), 1.0)
+    return out
+
+
+def supervised_connector(model, vis_processor, world: Path, steps: int = 300, every: int = 100, lr: float = 1e-4,
+                         head_lr: float = 1e-3, batch_size: int = 16, num_train: int = 2000, num_val: int = 200,
+                         seed: int = 0) -> list[dict]:
+    """Train the trainable parts + linear heads on the soft prompts' mean [B, D_llm] to the scene sets.
+
+    The ViT is frozen, so its tokens [N, T, C] are computed once. Returns one row per ``every``
+    steps: {"step", "loss", "colour F1", "shape F1", "pair F1"} on the first ``num_val`` val images.
+    """
+    train_images, train_scenes = load_split(world, "train", num_train, vis_processor)
+    val_images, val_scenes = load_split(world, "val", num_val, vis_processor)
+    with torch.no_grad():
+        model.eval()
+        train_tokens, val_tokens = (torch.cat([model.visual_encoder(x[i:i + 32]) for i in range(0, len(x), 32)])
+                                    for x in (train_images, val_images))
+    train_y, val_y = set_targets(train_scenes), set_targets(val_scenes)
+    generator = torch.Generator().manual_seed(seed)
+
+    def pooled(tokens):
+        merged, _ = model.connect(model.ln_vision(tokens))
+        return model.llm_proj(merged).mean(1)
+
+    head = torch.nn.Linear(model.llm.config.hidden_size, train_y.shape[1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": trainable, "lr": lr}, {"params": head.parameters(), "lr": head_lr}],
+                                  weight_decay=0.05)
+    rows = []
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc="supervised connector", unit="step"):
+        idx = torch.randint(len(train_tokens), (batch_size,), generator=generator)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled(train_tokens[idx])), train_y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % every == 0:
+            model.eval()
+            with torch.no_grad():
+                predicted = torch.cat([(head(pooled(val_tokens[i:i + 50])) > 0).float() for i in range(0, len(val_tokens), 50)])
+            model.train()
+            rows.append({"step": step, "loss": loss.item(), **set_f1(predicted, val_y)})
+    model.eval()
+    return rows
