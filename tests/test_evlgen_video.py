@@ -292,12 +292,13 @@ def test_generate_and_predict_answers_on_video(video_model):
 
 @pytest.fixture(scope="module")
 def image_checkpoint(tmp_path_factory, image_model):
-    """A trained-looking EVLGen-image checkpoint: the tiny image model's trainable weights, moved."""
+    """A trained-looking EVLGen-image checkpoint: the tiny image model's trainable weights, moved,
+    with the arch and model type that wrote them, as the runner saves them."""
     state = trainable_state_dict(image_model)
     g = torch.Generator().manual_seed(1)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
     path = tmp_path_factory.mktemp("ckpt") / "image.pth"
-    torch.save({"model": state}, path)
+    torch.save({"model": state, "arch": "evlgen_vicuna", "model_type": "tiny"}, path)
     return path
 
 
@@ -322,6 +323,19 @@ def test_image_checkpoint_loads_and_names_the_temporal_keys_as_new(image_checkpo
     # mean and image modes load the image checkpoint with nothing new.
     for mode in ("mean", "image"):
         assert build(video_mode=mode).load_checkpoint(str(image_checkpoint)).fresh == {}
+
+
+def test_image_checkpoint_loads_from_the_config_only_from_the_image_model_of_the_same_type(image_checkpoint, tmp_path):
+    def from_config(path):
+        return EVLGenVideoVicuna.from_config(tiny_cfg(EVLGenVideoVicuna, model_type="tiny", load_pretrained=True,
+                                                      pretrained=str(path)))
+
+    from_config(image_checkpoint)  # written by evlgen_vicuna, type tiny: EVLGen-image of this decoder
+    checkpoint = torch.load(image_checkpoint)
+    for key, value in (("arch", "evlgen_opt"), ("model_type", "mini")):
+        torch.save({**checkpoint, key: value}, tmp_path / f"{key}.pth")
+        with pytest.raises(CheckpointMismatchError, match=f"another model: {key} '{value}'"):
+            from_config(tmp_path / f"{key}.pth")
 
 
 def test_every_other_mismatch_is_still_an_error(image_checkpoint, tmp_path):

@@ -329,13 +329,16 @@ def checkpoint_model(checkpoint: dict) -> tuple[str | None, str | None]:
     return checkpoint.get("arch", model_cfg.get("arch")), checkpoint.get("model_type", model_cfg.get("model_type"))
 
 
-def check_checkpoint_model(checkpoint: dict, arch: str | None, model_type: str | None, source: str, allow_other: bool) -> None:
+def check_checkpoint_model(checkpoint: dict, arch: str | None, model_type: str | None, source: str, allow_other: bool,
+                           fitting_archs: tuple[str, ...] = ()) -> None:
     """Refuse a checkpoint written by another (arch, model_type) than the one loading it (None:
-    unknown on either side, not compared), unless ``allow_other`` (then a warning)."""
+    unknown on either side, not compared), unless ``allow_other`` (then a warning). A checkpoint
+    of one of ``fitting_archs`` (with the same model type) is the model's own kind."""
     written = checkpoint_model(checkpoint)
     differs = [f"{name} {theirs!r} (this model: {ours!r})"
                for name, theirs, ours in zip(("arch", "model_type"), written, (arch, model_type))
-               if theirs is not None and ours is not None and theirs != ours]
+               if theirs is not None and ours is not None and theirs != ours
+               and not (name == "arch" and theirs in fitting_archs)]
     if not differs:
         return
     message = f"{source} was written by another model: {', '.join(differs)}"
@@ -380,6 +383,11 @@ class StrictCheckpointLoading:
         model's own. None here; EVLGen reads the authors' ``liptome_*`` checkpoints."""
         return None
 
+    def fitting_archs(self) -> tuple[str, ...]:
+        """Archs besides the model's own whose checkpoints ``load_checkpoint`` takes without
+        ``allow_other_model_checkpoint``. None here; EVLGen-video takes its image model's."""
+        return ()
+
     def fresh_key_groups(self) -> dict[str, set[str]]:
         """Groups of trainable state-dict keys a checkpoint given to ``load_checkpoint`` may lack,
         each as a whole: {description: keys}. None here; EVLGen-video names its temporal modules,
@@ -402,7 +410,8 @@ class StrictCheckpointLoading:
         layout = self.foreign_layout(checkpoint)
         if layout is not None:
             checkpoint = layout.checkpoint
-        check_checkpoint_model(checkpoint, arch or registered_arch(self), model_type, str(url_or_filename), allow_other_model)
+        check_checkpoint_model(checkpoint, arch or registered_arch(self), model_type, str(url_or_filename), allow_other_model,
+                               self.fitting_archs())
         return load_trainable_state(
             self, checkpoint["model"], source=str(url_or_filename), may_start_fresh=self.fresh_key_groups(),
             layout=layout,

@@ -19,11 +19,11 @@
   video training): it computes what ``mean`` computes, and its training forward is an error.
 
 Module names are the image model's (``visual_encoder``, ``ln_vision``, ``vision_proj``,
-``connector``, ``llm_proj``, ``llm``), so an EVLGen-image checkpoint loads: in ``video`` mode its
-missing temporal keys start fresh (at identity) and are named in the load's log line
-(``fresh_key_groups``); any other mismatch is an error. Temporal keys are the authors'
-(``visual_encoder.blocks.N.temporal_merge.*`` on EVA ViT-g). The SCST loss mode is inherited
-(``scst: true``).
+``connector``, ``llm_proj``, ``llm``), so an EVLGen-image checkpoint (written by ``IMAGE_ARCH``
+with the same model type) loads: in ``video`` mode its missing temporal keys start fresh (at
+identity) and are named in the load's log line (``fresh_key_groups``); any other mismatch is an
+error. Temporal keys are the authors' (``visual_encoder.blocks.N.temporal_merge.*`` on EVA ViT-g).
+The SCST loss mode is inherited (``scst: true``).
 """
 from dataclasses import dataclass
 
@@ -78,6 +78,8 @@ class EVLGenVideo(EVLGen):
     """
 
     CONFIG_CLASS = EVLGenVideoConfig
+    # The registered name of the image model with this decoder: its checkpoints (same model type) load.
+    IMAGE_ARCH: str
 
     def __init__(self, config: EVLGenVideoConfig):
         # The image model first (same construction, same random draws), then the temporal modules.
@@ -96,6 +98,10 @@ class EVLGenVideo(EVLGen):
         return per_frame * self.config.num_frames if self.config.video_mode == "concat" else per_frame
 
     # ---------------------------------------------------------------- checkpoints
+    def fitting_archs(self) -> tuple[str, ...]:
+        """An EVLGen-image checkpoint (``IMAGE_ARCH``, same model type) is one this model loads."""
+        return (self.IMAGE_ARCH,)
+
     def fresh_key_groups(self) -> dict[str, set[str]]:
         """The temporal modules' keys may start fresh, as a whole: an EVLGen-image checkpoint has
         none of them. With ``temporal_pos_embed``, so may the frame-position embeddings alone (a
@@ -164,11 +170,15 @@ class EVLGenVideo(EVLGen):
 class EVLGenVideoOPT(EVLGenVideo):
     """EVLGen-video with an OPT decoder (the paper's MSR-VTT model: OPT-2.7b)."""
 
+    IMAGE_ARCH = "evlgen_opt"
+
     PRETRAINED_MODEL_CONFIG_DICT = model_type_configs("evlgen_video_opt", ["pretrain_opt2.7b", "tiny"])
 
 
 @registry.register_model("evlgen_video_vicuna")
 class EVLGenVideoVicuna(EVLGenVideo):
     """EVLGen-video with a LLaMA-family decoder."""
+
+    IMAGE_ARCH = "evlgen_vicuna"
 
     PRETRAINED_MODEL_CONFIG_DICT = model_type_configs("evlgen_video_vicuna", ["pretrain_vicuna7b", "mini", "tiny"])
