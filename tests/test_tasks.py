@@ -198,6 +198,24 @@ def test_caption_ground_truth_sources():
         caption_ground_truth(SimpleNamespace(annotation=[{"image": "x.jpg"}]))
 
 
+def test_caption_ground_truth_of_video_records_is_keyed_as_the_samples(tmp_path):
+    """MSR-VTT's eval records name the media ``video``; LAVIS's VideoCaptionEvalDataset hands out their
+    ``image_id`` as it is, and the references must carry the same keys."""
+    from lavis.datasets.datasets.video_caption_datasets import VideoCaptionEvalDataset
+
+    records = [{"video": "video7010.mp4", "caption": ["a man sings", "a man is singing"], "image_id": "video7010"},
+               {"video": "video7011.mp4", "caption": "a cat runs", "image_id": "video7011"}]
+    (tmp_path / "cap_test.json").write_text(json.dumps(records))
+    dataset = VideoCaptionEvalDataset(lambda path: torch.zeros(3, 4, 8, 8), None, str(tmp_path),
+                                      [str(tmp_path / "cap_test.json")])
+    gts = caption_ground_truth(dataset)
+    assert gts == {"video7010": ["a man sings", "a man is singing"], "video7011": ["a cat runs"]}
+    assert {as_id(dataset[i]["image_id"]) for i in range(len(dataset))} == set(gts)
+
+    with pytest.raises(ValueError, match="'video', 'image_id' and 'caption'"):
+        caption_ground_truth(SimpleNamespace(annotation=[{"video": "v.mp4", "caption": "a cat"}]))
+
+
 def test_caption_prompt_goes_to_generate():
     samples = {"image": torch.zeros(2, 3), "image_id": torch.tensor([5, 6])}
     model = FakeModel()

@@ -26,24 +26,28 @@ def as_id(value):
 def caption_ground_truth(dataset) -> dict:
     """image_id -> reference captions of an eval dataset.
 
-    ``dataset.ground_truth()`` when it has one; otherwise its LAVIS COCO-style eval annotation
-    records {"image": path, "caption": str | list[str]}, with ids from ``dataset.img_ids``
-    (keyed by the record's "image_id") or, as LAVIS's COCOCapEvalDataset, the number at the end
-    of the image file name.
+    ``dataset.ground_truth()`` when it has one; otherwise its LAVIS eval annotation records
+    {"image": path, "caption": str | list[str]} or {"video": path, "caption": ..., "image_id"},
+    each keyed by the id the dataset's samples carry: ``dataset.img_ids[record["image_id"]]`` when
+    the dataset maps ids (LAVIS's ``CaptionDataset``); else a video record's "image_id" as it is
+    (LAVIS's ``VideoCaptionEvalDataset``, MSR-VTT), an image record's number at the end of its
+    file name (LAVIS's ``COCOCapEvalDataset``).
     """
     if hasattr(dataset, "ground_truth"):
         return {as_id(i): list(caps) for i, caps in dataset.ground_truth().items()}
     records = getattr(dataset, "annotation", None)
-    if not records or not all("image" in r and "caption" in r for r in records):
+    if not records or not all(("image" in r or ("video" in r and "image_id" in r)) and "caption" in r for r in records):
         raise ValueError(
             f"{type(dataset).__name__} has no ground truth: it needs ground_truth() or annotation "
-            "records with 'image' and 'caption' fields"
+            "records with 'image' and 'caption' fields, or 'video', 'image_id' and 'caption' fields"
         )
     img_ids = getattr(dataset, "img_ids", None)
     gts = {}
     for r in records:
         if img_ids is not None and "image_id" in r:
             image_id = img_ids[r["image_id"]]
+        elif "video" in r:
+            image_id = as_id(r["image_id"])
         else:
             image_id = as_id(Path(r["image"]).stem.split("_")[-1])
         captions = [r["caption"]] if isinstance(r["caption"], str) else list(r["caption"])
