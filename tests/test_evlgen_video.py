@@ -134,7 +134,7 @@ def test_project_configs_are_the_msrvtt_rows_and_the_authors_recipe():
     assert (run.runner, run.max_iters, run.lr_sched, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps) == (
         "runner_evlgen_iter", 50000, "linear_warmup_cosine_lr", 1e-5, 1e-6, 1e-8, 1000)
     assert (run.batch_size_train, run.num_beams, run.max_len, run.min_len) == (4, 5, 20, 5)
-    processors = cfg.datasets_cfg.msrvtt_caption.vis_processor
+    processors = cfg.datasets_cfg.msrvtt_cap.vis_processor
     assert all(p.n_frms == 4 and p.image_size == 224 for p in processors.values())
 
 

