@@ -14,9 +14,11 @@ from omegaconf import OmegaConf
 
 import lavis_evlgen
 from lavis_evlgen.common.checkpoint import CheckpointMismatchError, load_checkpoint, trainable_state_dict
+from lavis_evlgen.common.run_config import load_config
 from lavis_evlgen.models import EVLGenVicuna, EVLGenVideoConfig, EVLGenVideoOPT, EVLGenVideoVicuna
 from lavis_evlgen.models.temporal import TemporalAttention, temporal_parameters
 from launch import subprocess_env
+from test_run_config import _flat
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTOR_PARTS = {"ln_vision", "vision_proj", "connector", "llm_proj"}
@@ -108,9 +110,9 @@ def test_model_types_are_the_image_types_plus_the_video_keys():
 def _project(path):
     import argparse
 
-    from lavis.common.config import Config
+    from lavis_evlgen.common.run_config import RunConfig
 
-    cfg = Config(argparse.Namespace(cfg_path=str(REPO / path), options=None))
+    cfg = RunConfig(argparse.Namespace(cfg_path=str(REPO / path), options=None))
     return cfg, EVLGenVideoConfig.from_dict(cfg.model_cfg)
 
 
@@ -126,6 +128,21 @@ def test_project_configs_are_the_msrvtt_rows_and_the_authors_recipe():
         assert cfg.model_cfg[f"load_{start}"] and cfg.model_cfg[start] is None, name  # a checkpoint is required
         assert cfg.run_cfg.evaluate == (name == "image") and list(cfg.datasets_cfg) == ["shapes_video_caption"]
         assert all(p.n_frms == 4 and p.image_size == 112 for p in cfg.datasets_cfg.shapes_video_caption.vis_processor.values())
+
+    # Each row is the shared base.yaml plus the keys that make it that row.
+    base = _flat(OmegaConf.to_container(load_config(REPO / "projects/video/mini/base.yaml")))
+
+    def changed(name: str) -> set[str]:
+        row = _flat(OmegaConf.to_container(load_config(REPO / f"projects/video/mini/{name}.yaml")))
+        return {k for k in row.keys() | base.keys() if row.get(k, "<absent>") != base.get(k, "<absent>")}
+
+    assert changed("video") == changed("mean") == changed("concat") == {"model.video_mode", "run.output_dir"}
+    assert changed("image") == {"model.video_mode", "model.load_pretrained", "model.load_finetuned", "model.finetuned",
+                                "run.evaluate", "run.train_splits", "run.valid_splits", "run.test_splits",
+                                "run.output_dir"}
+    assert {k for k in changed("video_scst") if not k.startswith("model.scst")} == {
+        "model.video_mode", "run.max_iters", "run.iters_per_inner_epoch", "run.init_lr", "run.min_lr", "run.warmup_lr", "run.warmup_steps",
+        "run.output_dir"}
 
     cfg, model = _project("projects/video/msrvtt/caption.yaml")
     run = cfg.run_cfg

@@ -323,28 +323,35 @@ class SCSTMixin:
 
 
 # ---------------------------------------------------------------------- CLI: the references file
+def write_config_references(cfg_path, out, options=(), split: str = "train") -> dict[str, list[str]]:
+    """Write the references file of the ``split`` dataset a LAVIS config (layered, ``base:``) plus
+    ``options`` builds; returns it. ValueError naming the config when it has not exactly one."""
+    import lavis.tasks as tasks
+
+    from lavis_evlgen.common.run_config import RunConfig  # importing lavis_evlgen registers the builders and tasks
+
+    cfg = RunConfig(argparse.Namespace(cfg_path=str(cfg_path), options=list(options)))
+    datasets = tasks.setup_task(cfg).build_datasets(cfg)
+    chosen = [d[split] for d in datasets.values() if split in d]
+    if len(chosen) != 1:
+        raise ValueError(f"{cfg_path}: need exactly one dataset with a {split!r} split, found {len(chosen)}")
+    return write_scst_references(chosen[0], out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Write the SCST references file {image_id: [captions]} of a LAVIS config's training "
         "dataset(s), keyed as its samples' image_id."
     )
-    parser.add_argument("--cfg-path", required=True, help="a LAVIS config (datasets + run.task)")
+    parser.add_argument("--cfg-path", required=True, help="a LAVIS config (datasets + run.task; layered with base:)")
     parser.add_argument("--out", required=True, help="the JSON file to write (model.scst_references)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--options", nargs="+", default=[], help="LAVIS key=value overrides")
     args = parser.parse_args(argv)
-
-    import lavis.tasks as tasks
-    from lavis.common.config import Config
-
-    import lavis_evlgen  # noqa: F401  (registers the builders and tasks)
-
-    cfg = Config(argparse.Namespace(cfg_path=args.cfg_path, options=args.options))
-    datasets = tasks.setup_task(cfg).build_datasets(cfg)
-    chosen = [d[args.split] for d in datasets.values() if args.split in d]
-    if len(chosen) != 1:
-        raise SystemExit(f"{args.cfg_path}: need exactly one dataset with a {args.split!r} split, found {len(chosen)}")
-    refs = write_scst_references(chosen[0], args.out)
+    try:
+        refs = write_config_references(args.cfg_path, args.out, args.options, args.split)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
     print(f"{args.out}: references of {len(refs)} images ({sum(map(len, refs.values()))} captions)")
 
 
