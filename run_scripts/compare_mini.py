@@ -8,34 +8,27 @@ Writes results.md / results.json / convergence.png (mean ± std over seeds) to -
 What it runs and reports: lavis_evlgen/experiments/compare.py.
 """
 import argparse
-import sys
 from pathlib import Path
 
 from lavis_evlgen.common.jobs import REPO_ROOT
+from lavis_evlgen.experiments.command import add_experiment_arguments, parse_experiment_arguments
 from lavis_evlgen.experiments.compare import ROWS, run_comparison
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and world seeds")
-    parser.add_argument("--nproc", type=int, default=2, help="CPU processes per job (torch.distributed.run)")
+    add_experiment_arguments(parser, REPO_ROOT / "output/compare/mini", "convergence.png",
+                             options_help="overrides for every caption job (key=value)")
     parser.add_argument("--config-dir", type=Path, default=REPO_ROOT / "projects/compare/mini")
     parser.add_argument("--vqa-config", type=Path, default=REPO_ROOT / "projects/evlgen/mini/vqa.yaml",
                         help="datasets/run sections for the VQA evaluation (its model section is replaced)")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "output/compare/mini")
-    parser.add_argument("--results-dir", type=Path, help="where results.{md,json} and convergence.png go (default: output dir)")
     parser.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
     parser.add_argument("--target-fraction", type=float, default=0.95)
     parser.add_argument("--reference", type=Path,
                         help="an earlier results.json whose BLIP-2 two-stage row sets the target when this run has none")
-    parser.add_argument("--options", nargs="*", default=[], help="overrides for every caption job (key=value)")
     parser.add_argument("--vqa-options", nargs="*", default=[], help="overrides for the VQA evaluations")
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.config_dir, args.output_dir = args.config_dir.resolve(), args.output_dir.resolve()
-    args.results_dir = (args.results_dir or args.output_dir).resolve()
+    args = parse_experiment_arguments(parser, argv)
+    args.config_dir = args.config_dir.resolve()
     args.reference = args.reference.resolve() if args.reference else None
     return run_comparison([r for r in ROWS if r.key in args.rows], args)
 

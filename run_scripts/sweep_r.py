@@ -8,17 +8,17 @@ Writes results.md / results.json / r_sweep.png (mean ± std over seeds) to --res
 What it runs and reports: lavis_evlgen/experiments/sweep.py.
 """
 import argparse
-import sys
 from pathlib import Path
 
 from lavis_evlgen.common.jobs import REPO_ROOT
+from lavis_evlgen.experiments.command import add_experiment_arguments, parse_experiment_arguments
 from lavis_evlgen.experiments.sweep import budget_options, run_sweep
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training and world seeds")
+    add_experiment_arguments(parser, REPO_ROOT / "output/sweep_r/mini", "r_sweep.png")
     parser.add_argument("--tokens", type=int, nargs="+", default=[65, 49, 33, 29, 17],
                         help="soft-prompt counts of the merging and pooling points at the config's depth")
     parser.add_argument("--layers", type=int, nargs="*", default=[3, 6],
@@ -27,20 +27,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-iters", type=int, help="training steps per point (default: the config's)")
     parser.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="read the frozen ViT's tokens from the feature cache (run.feature_cache)")
-    parser.add_argument("--nproc", type=int, default=2, help="CPU processes per job (torch.distributed.run)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "projects/compare/mini/evlgen_two_layers.yaml",
                         help="the base training config every point overrides")
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "output/sweep_r/mini")
-    parser.add_argument("--results-dir", type=Path, help="where results.{md,json} and r_sweep.png go (default: output dir)")
-    parser.add_argument("--options", nargs="*", default=[], help="overrides for every job (key=value)")
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    args = parse_experiment_arguments(parser, argv)
     if args.max_iters is not None and args.max_iters < 1:
         parser.error(f"--max-iters must be positive, got {args.max_iters}")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.config, args.output_dir = args.config.resolve(), args.output_dir.resolve()
-    args.results_dir = (args.results_dir or args.output_dir).resolve()
+    args.config = args.config.resolve()
     args.options = budget_options(args.config, args.options, args.max_iters, args.feature_cache)
     return run_sweep(args)
 

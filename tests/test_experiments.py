@@ -40,6 +40,13 @@ def test_caption_and_vqa_scores_name_columns():
     assert scores["CIDEr"] == 50.0 and scores["count acc"] == 90.0 and scores["pair F1"] == 80.0
     assert "held-out pair recall" not in scores  # val has no held-out pairs: left out, not 0
     assert report.vqa_scores({"accuracy": 40.0, "accuracy_color": 20.0}) == {"all": 40.0, "colour": 20.0}
+    # The video world's metrics (datasets/video_scene_scores.py) get its labels; colour and pair
+    # scores of the image world's table are not read from them.
+    video = {"CIDEr": 0.5, "Bleu_4": 0.25, "METEOR": 0.2, "ROUGE_L": 0.4, "scene_event_f1": 30.0,
+             "scene_color_f1": 70.0, "scene_pair_f1": 60.0, "scene_held_out_recall": 5.0, "scene_order_acc": 50.0}
+    assert report.caption_scores(video) == {"CIDEr": 50.0, "BLEU-4": 25.0, "METEOR": 20.0, "ROUGE-L": 40.0,
+                                            "event F1": 30.0, "colour F1": 70.0, "order acc": 50.0,
+                                            "held-out event recall": 5.0}
 
 
 def test_seed_options_set_training_and_world_seed():

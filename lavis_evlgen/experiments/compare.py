@@ -116,7 +116,10 @@ def with_curve(result: dict) -> dict:
     Each stage validates after every training chunk, so validation i comes after chunks 0..i;
     a later stage's times start where the previous stage's training ended. The best point is the
     runner's (by its agg_metrics, CIDEr + BLEU-4): the checkpoint_best.pth every evaluation used.
+    A run that trained nothing (an evaluation-only row, no stages) is returned as it is.
     """
+    if not result["stages"]:
+        return result
     curve, offset = [], 0.0
     for stage_info in result["stages"]:
         seconds, validations = read_training_log(Path(stage_info["job"]))
@@ -269,12 +272,7 @@ def summarize(rows: list[Row], runs: dict[str, list[dict]], params: dict, args) 
         r["blip2_two_stage_time_ratio"] = (round(ref_minutes["mean"] / minutes["mean"], 2)
                                            if ref_minutes and minutes else None)
     summary = {
-        "command": " ".join(["python", "run_scripts/compare_mini.py", *args.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": report.machine(),
-        "nproc": args.nproc,
-        "seeds": args.seeds,
-        "wall_minutes": round(sum(run["wall_seconds"] for key in runs for run in runs[key]) / 60, 1),
+        **report.summary_header("run_scripts/compare_mini.py", args, runs),
         "target": {"metric": "val CIDEr", "fraction_of_blip2_two_stage_best": args.target_fraction,
                    "value": None if target is None else round(target, 2), "source": source},
         "reference_row": reference_row if source != "this run" else None,
@@ -283,11 +281,7 @@ def summarize(rows: list[Row], runs: dict[str, list[dict]], params: dict, args) 
         "note": "caption metrics x100 (pycocoevalcap CIDEr 1.0 = 100); scene scores and VQA accuracy in %; "
                 "train time = minutes in training steps, all stages, validation excluded; mean ± std over seeds",
     }
-    out = args.results_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
-    plot(summary, out / "convergence.png")
+    report.write_summary(args.results_dir, summary, markdown(summary), plot, "convergence.png")
     return summary
 
 

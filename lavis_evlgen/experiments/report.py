@@ -5,6 +5,7 @@ One run is an anecdote (README, "Numbers that reproduce"): every table cell here
 seeds with its sample standard deviation, and a difference between two rows is called real only
 when it exceeds the sum of their spreads (``exceeds_spread``).
 """
+import json
 import os
 import platform
 import statistics
@@ -18,18 +19,32 @@ SCENE_METRICS = (("scene_count_acc", "count acc"), ("scene_color_f1", "colour F1
                  ("scene_pair_precision", "pair P"), ("scene_pair_recall", "pair R"), ("scene_pair_f1", "pair F1"),
                  ("scene_position_acc", "position acc"), ("scene_held_out_recall", "held-out pair recall"),
                  ("scene_unparseable", "unparseable"))
+# The video world's scene-grounded scores (datasets/video_scene_scores.py), in %: events stated right
+# (colour, shape, action, new colour), per kind of action, the order of two events, held-out events.
+VIDEO_SCENE_METRICS = (("scene_event_f1", "event F1"), ("scene_action_acc", "action acc"),
+                       ("scene_direction_acc", "direction acc"), ("scene_change_acc", "change acc"),
+                       ("scene_appearance_acc", "appearance acc"), ("scene_color_f1", "colour F1"),
+                       ("scene_order_acc", "order acc"), ("scene_held_out_recall", "held-out event recall"),
+                       ("scene_unparseable", "unparseable"))
 # Zero-shot VQA accuracy (tasks/vqa.py), in %, overall and per shapes-world question type.
 VQA_METRICS = (("accuracy", "all"), ("accuracy_count", "count"), ("accuracy_color", "colour"),
                ("accuracy_shape", "shape"), ("accuracy_position", "position"))
 
 
+def scene_metrics(metrics: dict) -> tuple[tuple[str, str], ...]:
+    """The scene-grounded scores of the world ``metrics`` come from: the video world's when they
+    hold its event scores, else the image world's."""
+    return VIDEO_SCENE_METRICS if "scene_event_f1" in metrics else SCENE_METRICS
+
+
 def caption_scores(metrics: dict) -> dict[str, float]:
-    """A caption task's ``metrics_{split}.json`` as {label: value}: caption metrics x100, scene scores as they are.
+    """A caption task's ``metrics_{split}.json`` as {label: value}: caption metrics x100, scene scores
+    (``scene_metrics``) as they are.
 
     Scene scores a split does not have (held-out recall on val) are left out.
     """
     scores = {label: 100.0 * metrics[key] for key, label in CAPTION_METRICS}
-    scores.update({label: float(metrics[key]) for key, label in SCENE_METRICS if key in metrics})
+    scores.update({label: float(metrics[key]) for key, label in scene_metrics(metrics) if key in metrics})
     return scores
 
 
@@ -94,6 +109,22 @@ def machine() -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     return (f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; torch {torch.__version__}, "
             f"{threads} thread(s) per job process, {platform.system()}")
+
+
+def summary_header(script: str, args, runs: dict[str, list[dict]]) -> dict:
+    """What every experiment summary starts with: the command (``script`` and ``args.argv``), the date,
+    the machine, processes per job, seeds, and the wall minutes of all its runs (key -> runs)."""
+    return {"command": " ".join(["python", script, *args.argv]), "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(), "nproc": args.nproc, "seeds": args.seeds,
+            "wall_minutes": round(sum(run["wall_seconds"] for key in runs for run in runs[key]) / 60, 1)}
+
+
+def write_summary(out: Path, summary: dict, markdown: str, plot, figure: str) -> None:
+    """An experiment's outputs in ``out``: results.json, results.md and the figure ``plot(summary, out / figure)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(markdown)
+    plot(summary, out / figure)
 
 
 def stage(message: str, start: float) -> None:

@@ -267,25 +267,16 @@ def run_sweep(args) -> dict:
 
     summaries = [point_summary(p, runs[p.key], params[p.key]) for p in points]
     summary = {
-        "command": " ".join(["python", "run_scripts/sweep_r.py", *args.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": report.machine(),
-        "nproc": args.nproc,
-        "seeds": args.seeds,
+        **report.summary_header("run_scripts/sweep_r.py", args, runs),
         "options": list(args.options),
         "config": str(args.config.relative_to(REPO_ROOT) if args.config.is_relative_to(REPO_ROOT) else args.config),
         "num_tokens": num_tokens,
         "base_layers": base_layers,
         "steps": summaries[0]["steps"],
-        "wall_minutes": round(sum(run["wall_seconds"] for key in runs for run in runs[key]) / 60, 1),
         "points": summaries,
         "verdicts": verdicts(summaries, num_tokens, base_layers),
     }
-    out = args.results_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown(summary))
-    plot(summary, out / "r_sweep.png")
-    report.stage(f"done; written {out / 'results.md'}, results.json, r_sweep.png", start)
+    report.write_summary(args.results_dir, summary, markdown(summary), plot, "r_sweep.png")
+    report.stage(f"done; written {args.results_dir / 'results.md'}, results.json, r_sweep.png", start)
     print(markdown(summary))
     return summary
