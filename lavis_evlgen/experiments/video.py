@@ -252,7 +252,7 @@ def markdown(summary: dict) -> str:
         f"all jobs {summary['wall_minutes']} min",
         f"- seeds {', '.join(map(str, summary['seeds']))} (training seed and world seed, each from that seed's "
         "EVLGen-image checkpoint); cells are mean ± std over them",
-        f"- training steps of 2 x 8 clips: {budget}; val and test: {summary['clips']['val']} and "
+        f"- training steps (batch_size_train clips per process): {budget}; val and test: {summary['clips']['val']} and "
         f"{summary['clips']['test']} clips",
         f"- {summary['note']}",
         "",
