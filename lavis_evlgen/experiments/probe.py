@@ -15,7 +15,7 @@ it is lost. Trained parts are probed with the weights of ``checkpoint`` (untrain
 ``supervised_connector``: a second question. Can the connector *learn* to pass colour, shape and
 colour-shape pairs within the main job's step budget when it is told what to pass? It trains the
 model's trainable parts (connector, projections) with binary cross-entropy from linear heads on the
-soft prompts' mean to the scene's colour, shape and pair sets, at the caption job's batch and lr,
+soft prompts' mean to the scene's colour, shape and pair sets, at the caption job's per-process batch and lr,
 and reports val F1 every ``every`` steps. If it can, the caption loss, not the visual path, is what
 fails to teach colour (README, "Where colour is lost").
 """
