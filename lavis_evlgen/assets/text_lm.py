@@ -3,7 +3,13 @@
 EVLGen's LLM must be pretrained on its own modality before the connector trains. Real LLMs
 are too slow for a minutes-long CPU run, so the mini worlds pretrain one from scratch on the
 text of their training splits (image world and video world): a byte-level BPE tokenizer fitted to
-the corpus, then some hundred steps of next-token prediction. The LM never sees an image.
+the corpus, then some thousand steps of next-token prediction. The LM never sees an image.
+
+A real LLM arrives able to copy from its context; a 4-layer LM learns that only if its corpus asks
+for it. So besides the captions, the corpus holds each train scene written as a plain list of what
+it contains, followed by one of its captions (``scene_text``, ``scene_documents``): the LM learns
+to describe what a list in its context names -- the soft prompts later take that list's place.
+Measured with ``python run_scripts/probe_mini.py --text-ceiling`` (README "Where colour is lost").
 """
 import json
 import logging
@@ -15,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 DEFAULT_LM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=512)
-# Pretraining steps of the shapes-lm asset (batch 32): ~1.1 passes over its ~38k documents.
-LM_STEPS = 1200
+# Pretraining steps of the shapes-lm asset (batch 32): ~1.8 passes over its ~53k documents; with
+# 1200 steps the LM copied the colours of a listed scene but not which shape each colour belongs to.
+LM_STEPS = 3000
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
 
@@ -120,9 +127,28 @@ def caption_documents(captions: list[dict], rng) -> list[str]:
     return docs
 
 
+def scene_text(objects: list[dict], rng) -> str:
+    """A scene as a plain list, "red circle, blue square": an image's ``objects`` in random order, or
+    a clip's ``events`` in time order ("purple square change yellow, orange triangle down"), from
+    their ``color``, ``shape`` and, for events, ``action`` and ``to_color`` fields."""
+    if objects and "action" in objects[0]:
+        items = sorted(objects, key=lambda event: event["window"][0])
+        return ", ".join(" ".join(filter(None, (e["color"], e["shape"], e["action"], e["to_color"]))) for e in items)
+    return ", ".join(f"{o['color']} {o['shape']}" for o in rng.sample(objects, len(objects)))
+
+
+def scene_documents(root: Path, rng) -> list[str]:
+    """One document per train caption record: its scene's ``scene_text``, "\n", the caption, "\n".
+    Reads ``captions_train.json`` and ``scenes_train.json`` of a shapes (image or video) world."""
+    root = Path(root)
+    scenes = {int(s["image_id"]): s.get("objects", s.get("events")) for s in json.loads((root / "scenes_train.json").read_text())}
+    return [f"{scene_text(scenes[int(r['image_id'])], rng)}\n{r['caption']}\n"
+            for r in json.loads((root / "captions_train.json").read_text())]
+
+
 def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
     """Text-only documents from the *train* split of a shapes world (val/test text is never used):
-    ``caption_documents``, and a caption followed by ``"Question: {q} Short answer: {a}"`` about the
+    ``caption_documents``, ``scene_documents``, and a caption followed by ``"Question: {q} Short answer: {a}"`` about the
     same image, so that zero-shot VQA can read the answer off the context in the same way."""
     import random
     from collections import Counter, defaultdict
@@ -134,7 +160,7 @@ def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
     for record in captions:
         by_image[record["image_id"]].append(record["caption"])
     rng = random.Random(seed)
-    docs = caption_documents(captions, rng)
+    docs = caption_documents(captions, rng) + scene_documents(world_root, rng)
     for q in questions:
         answer = Counter(q["answer"]).most_common(1)[0][0]
         docs.append(f"{rng.choice(by_image[q['image_id']])}\nQuestion: {q['question']} Short answer: {answer}")
@@ -142,12 +168,14 @@ def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
 
 
 def video_corpus(video_root: Path, seed: int = 0) -> list[str]:
-    """``caption_documents`` of the *train* split of a shapes video world (its verbs: moves, appears,
-    turns, then ...), so that the frozen LM of the video rows can say what happens in a clip."""
+    """``caption_documents`` and ``scene_documents`` of the *train* split of a shapes video world (its
+    verbs: moves, appears, turns, then ...), so that the frozen LM of the video rows can say what
+    happens in a clip."""
     import random
 
+    rng = random.Random(seed)
     captions = json.loads((Path(video_root) / "captions_train.json").read_text())
-    return caption_documents(captions, random.Random(seed))
+    return caption_documents(captions, rng) + scene_documents(video_root, rng)
 
 
 def build_shapes_lm(out_dir: Path) -> dict:

@@ -18,6 +18,10 @@ model's trainable parts (connector, projections) with binary cross-entropy from 
 soft prompts' mean to the scene's colour, shape and pair sets, at the caption job's per-process batch and lr,
 and reports val F1 every ``every`` steps. If it can, the caption loss, not the visual path, is what
 fails to teach colour (README, "Where colour is lost").
+
+``text_ceiling``: a third. Given the scene *as text* in its context, the list its pretraining corpus
+pairs with captions (``text_lm.scene_text``), what does the model's frozen LLM say? No soft prompt
+can tell it more than that list does, so its scene scores bound what the trained model can reach.
 """
 import json
 from pathlib import Path
@@ -26,6 +30,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lavis_evlgen.assets.text_lm import scene_text
+from lavis_evlgen.datasets.scene_scores import score_captions_against_scenes
+from lavis_evlgen.datasets.shapes_datasets import read_held_out_pairs
 from lavis_evlgen.datasets.shapes_world import COLORS, SHAPES
 
 TARGETS = ("colour set", "shape set", "count")
@@ -175,3 +182,27 @@ def supervised_connector(model, vis_processor, world: Path, steps: int = 300, ev
             rows.append({"step": step, "loss": loss.item(), **set_f1(predicted, val_y)})
     model.eval()
     return rows
+
+
+@torch.no_grad()
+def text_ceiling(model, world: Path, split: str = "val", num_images: int = 200, batch_size: int = 50,
+                 seed: int = 0, **generate_kwargs) -> dict[str, float]:
+    """``score_captions_against_scenes`` of what ``model.llm`` writes after each scene's ``scene_text``
+    (no image, no soft prompt), decoded as the model decodes (its stop tokens; ``generate_kwargs``
+    such as ``num_beams`` passed on), for the first ``num_images`` images of ``split``."""
+    import random
+
+    scenes = json.loads((Path(world) / f"scenes_{split}.json").read_text())[:num_images]
+    rng = random.Random(seed)
+    contexts = [scene_text(s["objects"], rng) + "\n" for s in scenes]
+    tokenizer, captions = model.tokenizer, {}
+    tokenizer.padding_side = "left"
+    model.eval()
+    for start in tqdm(range(0, len(scenes), batch_size), desc=f"text ceiling ({split})", unit="batch"):
+        batch = tokenizer(contexts[start:start + batch_size], return_tensors="pt", padding="longest")
+        output = model.llm.generate(**batch, eos_token_id=model.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
+                                    **generate_kwargs)
+        texts = tokenizer.batch_decode(output[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+        captions.update({int(s["image_id"]): t.strip() for s, t in zip(scenes[start:], texts)})
+    return score_captions_against_scenes(captions, {int(s["image_id"]): s["objects"] for s in scenes},
+                                         read_held_out_pairs(Path(world) / "world.json"))
