@@ -20,8 +20,10 @@ and reports val F1 every ``every`` steps. If it can, the caption loss, not the v
 fails to teach colour (README, "Where colour is lost").
 
 ``text_ceiling``: a third. Given the scene *as text* in its context, the list its pretraining corpus
-pairs with captions (``text_lm.scene_text``), what does the model's frozen LLM say? No soft prompt
-can tell it more than that list does, so its scene scores bound what the trained model can reach.
+pairs with captions (``text_lm.scene_text``), what does the model's frozen LLM say? The list names
+every object's colour and shape, so its colour/shape/pair scores are what the LLM does with perfect
+information about them: a practical ceiling for the trained model (not a proof: soft prompts are
+not text, and could carry what the list leaves out, such as positions).
 """
 import json
 from pathlib import Path
