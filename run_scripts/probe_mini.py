@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from lavis_evlgen.datasets.shapes_world import ensure_shapes_world
 from lavis_evlgen.experiments import report
-from lavis_evlgen.experiments.probe import TARGETS, probe_model, supervised_connector, text_ceiling
+from lavis_evlgen.experiments.probe import TARGETS, probe_model, shape_copy_probability, supervised_connector, text_ceiling
 
 
 def main() -> None:
@@ -48,6 +48,10 @@ def main() -> None:
                   for split in ("val", "test")}
         rows = [[split, *(f"{s[c]:.1f}" if c in s else "—" for c in columns)] for split, s in scores.items()]
         print(report.markdown_table(["split", *columns], rows))
+        copy = shape_copy_probability(model, ensure_shapes_world())
+        print(f"P(right shape | \"... a <colour>\") over {copy['objects']} val objects: "
+              f"{copy['with list']:.3f} with the scene list in context, {copy['without list']:.3f} without "
+              f"(chance 0.25)")
         return
     if args.supervised_connector:
         rows = supervised_connector(model, vis["eval"], ensure_shapes_world(), steps=args.supervised_connector)

@@ -153,3 +153,20 @@ def test_text_ceiling_scores_what_the_llm_writes_after_the_scene_list(tmp_path):
     assert copied["num_images"] == 6 and copied["pair_f1"] == 100.0 and copied["count_acc"] == 100.0
     fixed = text_ceiling(model(Echo("a red star")), world, "val", batch_size=4)
     assert fixed["num_images"] == 6 and fixed["pair_f1"] < 50.0
+
+
+def test_shape_copy_probability_is_chance_for_an_llm_that_reads_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from lavis_evlgen.assets.text_lm import train_tokenizer
+    from lavis_evlgen.datasets.shapes_world import generate_shapes_world
+    from lavis_evlgen.experiments.probe import shape_copy_probability
+
+    world = generate_shapes_world(tmp_path / "world", seed=0, num_train=4, num_val=5, num_test=2, image_size=64)
+    tokenizer = train_tokenizer([f"a picture with two shapes, a {c} {s}, " for c in COLORS for s in SHAPES], vocab_size=300)
+    uniform = lambda ids: SimpleNamespace(logits=torch.zeros(1, ids.shape[1], len(tokenizer)))
+    llm = SimpleNamespace(eval=lambda: uniform)
+    result = shape_copy_probability(SimpleNamespace(tokenizer=tokenizer, llm=llm), world, "val", num_images=5)
+    scenes = json.loads((world / "scenes_val.json").read_text())
+    assert result["objects"] == sum(len(s["objects"]) for s in scenes)
+    assert result["with list"] == pytest.approx(1 / len(SHAPES)) and result["without list"] == pytest.approx(1 / len(SHAPES))

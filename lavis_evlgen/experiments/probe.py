@@ -208,3 +208,30 @@ def text_ceiling(model, world: Path, split: str = "val", num_images: int = 200, 
         captions.update({int(s["image_id"]): t.strip() for s, t in zip(scenes[start:], texts)})
     return score_captions_against_scenes(captions, {int(s["image_id"]): s["objects"] for s in scenes},
                                          read_held_out_pairs(Path(world) / "world.json"))
+
+
+@torch.no_grad()
+def shape_copy_probability(model, world: Path, split: str = "val", num_images: int = 60, seed: int = 0) -> dict[str, float]:
+    """Does the frozen LLM bind a shape to its colour from the scene list in its context? For each
+    object of the first ``num_images`` scenes, the LLM reads "a picture with {n shapes}, a {colour}"
+    with and without the scene's ``scene_text`` before it; returns the mean probability of the
+    object's shape among the world's shape words, {"with list", "without list", "objects"}. Chance
+    is 1 / len(SHAPES); "with list" near "without list" means the LLM does not copy the shape."""
+    import random
+
+    scenes = json.loads((Path(world) / f"scenes_{split}.json").read_text())[:num_images]
+    shape_ids = [model.tokenizer(" " + shape, add_special_tokens=False).input_ids[-1] for shape in SHAPES]
+    counts = {1: "a single shape", 2: "two shapes", 3: "three shapes"}
+    rng, model_ = random.Random(seed), model.llm.eval()
+    sums = {"with list": 0.0, "without list": 0.0}
+    objects = 0
+    for scene in scenes:
+        context = scene_text(scene["objects"], rng) + "\n"
+        for obj in scene["objects"]:
+            caption = f"a picture with {counts[len(scene['objects'])]}, a {obj['color']}"
+            for key, text in (("with list", context + caption), ("without list", caption)):
+                ids = model.tokenizer(text, return_tensors="pt").input_ids
+                p = model_(ids).logits[0, -1, shape_ids].softmax(-1)
+                sums[key] += p[SHAPES.index(obj["shape"])].item()
+            objects += 1
+    return {**{k: v / max(objects, 1) for k, v in sums.items()}, "objects": objects}
