@@ -448,3 +448,26 @@ def test_train_py_trains_and_evaluates_the_video_model_on_the_shapes_video_world
     job, log = run_script("evaluate.py", tmp_path, "model.video_mode=image", "model.load_finetuned=True",
                           f"model.finetuned={image_checkpoint}", "run.evaluate=True")
     assert "CIDEr" in json.loads((job / "metrics_test.json").read_text())
+
+
+def train_loss(job: Path) -> float:
+    """The last ``train_loss`` the runner wrote to ``job/log.txt``."""
+    stats = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train_')]
+    return float(stats[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_the_opt_video_model_trains_with_scst_and_evaluates_through_the_scripts(tmp_path):
+    opt = "model.arch=evlgen_video_opt"
+    job, _ = run_script("train.py", tmp_path, opt)
+    assert load_checkpoint(job / "checkpoint_latest.pth")["iters"] == 2
+    refs = tmp_path / "refs.json"
+    subprocess.run([sys.executable, "-m", "lavis_evlgen.models.scst", "--cfg-path", str(REPO / "projects/video/tiny/caption.yaml"),
+                    "--out", str(refs)], cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), check=True, capture_output=True)
+    scst_job, _ = run_script("train.py", tmp_path, opt, "model.scst=True", f"model.scst_references={refs}",
+                             "model.load_pretrained=True", f"model.pretrained={job / 'checkpoint_best.pth'}")
+    # The caption loss of a random tiny OPT is ~ln(vocabulary); SCST's is reward-weighted and near 0.
+    assert train_loss(job) > 1 and abs(train_loss(scst_job)) < 1
+    eval_job, _ = run_script("evaluate.py", tmp_path, opt, "model.load_finetuned=True",
+                             f"model.finetuned={scst_job / 'checkpoint_best.pth'}", "run.evaluate=True")
+    assert {"CIDEr", "scene_event_f1"} <= set(json.loads((eval_job / "metrics_test.json").read_text()))
