@@ -22,24 +22,13 @@ MSR-VTT test rows beside them, and for each of the paper's claims (temporal > me
 helps) whether the miniature's difference exceeds the spread. Finished (row, seed) runs
 (``OUTPUT_DIR/seed<k>/<row>/row.json``) made with the same options and image checkpoint are reused.
 
-Cost: the budget in base.yaml (10 steps of 2 x 8 clips; a 200/24/24-clip world) and
-video_scst.yaml (4 SCST steps) is the one that fits 3 seeds in 30 minutes on 2 idle CPU cores.
-Measured on the 2-core machine in a window when it was idle (wall seconds, 2 processes per job):
-
-- a training step (8 clips of 4 frames at 112 px per process; 6-step train.py runs, the runner's
-  ``train_seconds``): concat 3.45 s, mean 2.3 s, video 5.0 s (gradients flow back through the
-  frozen ViT), SCST 6.0 s (5 sampled captions per clip and a scoring pass);
-- captioning (5 beams, up to 30 tokens, 16 clips a batch): 0.15 s per clip;
-- a job's fixed cost (imports, model build, data check, the JVMs of METEOR and the PTB tokenizer,
-  checkpoints): ~37 s for train.py (one validation and one test pass), ~35 s for evaluate.py;
-- a seed's world (248 clips) 13 s; its SCST references ~2 s in the launcher (~10 s of imports once).
-
-Per seed: 4 x 37 s + 6 x 35 s = 358 s of job start-up; (5 rows x (24 val + 24 test) + 5 blind x 24
-val) = 360 clips x 0.15 s = 54 s of captioning; 10 x (3.45 + 2.3 + 5.0) s + 4 x 6.0 s = 132 s of
-training; world and references 15 s: ~560 s. Three seeds and the launcher: ~1690 s, 28 minutes.
-Job start-up, not training, is most of it: 10 steps (160 clips) move the connector and the
-temporal modules only a little, and the README says so beside the numbers. On the machine shared
-with other jobs, under ``nice -n 19``, every part took several times longer.
+Cost: the budget in base.yaml (25 steps of 2 x 8 clips; a 200/24/24-clip world) and
+video_scst.yaml (4 SCST steps) fits 3 seeds in 30 minutes on 2 CPU cores: 21.7 min measured
+(README "EVLGen-video", 2026-12-01, ViT cut after block 5), 7-8 min per seed, of which ~2 min are
+training steps (a `video` step ~1.8 s, gradients flowing back through the frozen ViT) and the rest
+the 30 jobs' start-up (imports, model build, data check, the JVMs of METEOR and the PTB tokenizer:
+~35 s each) and captioning (5 beams, up to 30 tokens: ~0.15 s per clip). On the machine shared with
+other jobs, under ``nice -n 19``, every part took several times longer.
 """
 import json
 import time
@@ -285,7 +274,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    labels = [r["label"].replace(" (", "\n(") for r in rows]
+    labels = [r["label"].replace(" (", "\n(").replace("EVLGen-", "EVLGen-\n") for r in rows]
     xs = range(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), dpi=110)
     panels = ((axes[0], "CIDEr", "test CIDEr (mini world)"), (axes[1], "event F1", "test event F1 (%)"))
@@ -297,6 +286,8 @@ def plot(summary: dict, path: Path) -> None:
             blind = [r["stats"]["val_blind"]["CIDEr"] for r in rows]
             ax.bar([x + 0.2 for x in xs], [s["mean"] for s in blind], 0.4, yerr=[s["std"] for s in blind], capsize=3,
                    color="lightgray", hatch="//", label="blind (val, shuffled soft prompts)")
+        else:  # a percentage: from 0, and visible when every row scores 0
+            ax.set_ylim(0, 1.1 * max(5.0, *(s["mean"] + s["std"] for s in stats)))
         ax.set_title(title)
     axes[2].bar(xs, [r["paper"]["C"] for r in rows], 0.5, color="tab:green")
     axes[2].set_ylim(min(r["paper"]["C"] for r in rows) - 5, max(r["paper"]["C"] for r in rows) + 2)
