@@ -132,7 +132,7 @@ class BLIP2Stage1(StrictCheckpointLoading, Blip2Qformer):
             min_length=min_length,
             num_beams=1 if use_nucleus_sampling else num_beams,
             do_sample=use_nucleus_sampling,
-            top_p=top_p,
+            top_p=top_p if use_nucleus_sampling else None,  # unused by beam search; transformers warns if set
             repetition_penalty=repetition_penalty,
             eos_token_id=self.tokenizer.sep_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
