@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lavis_evlgen.common.prompts import VQA_PROMPT
+
 DEFAULT_LM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=512)
 # Pretraining steps of the shapes-lm asset (batch 32): ~1.8 passes over its ~53k documents; with
 # 1200 steps the LM copied the colours of a listed scene but not which shape each colour belongs to.
@@ -148,8 +150,9 @@ def scene_documents(root: Path, rng) -> list[str]:
 
 def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
     """Text-only documents from the *train* split of a shapes world (val/test text is never used):
-    ``caption_documents``, ``scene_documents``, and a caption followed by ``"Question: {q} Short answer: {a}"`` about the
-    same image, so that zero-shot VQA can read the answer off the context in the same way."""
+    ``caption_documents``, ``scene_documents``, and a caption followed by ``VQA_PROMPT`` filled with a
+    question and then its answer, about the same image, so that zero-shot VQA can read the answer off
+    the context in the same way."""
     import random
     from collections import Counter, defaultdict
 
@@ -163,7 +166,7 @@ def shapes_corpus(world_root: Path, seed: int = 0) -> list[str]:
     docs = caption_documents(captions, rng) + scene_documents(world_root, rng)
     for q in questions:
         answer = Counter(q["answer"]).most_common(1)[0][0]
-        docs.append(f"{rng.choice(by_image[q['image_id']])}\nQuestion: {q['question']} Short answer: {answer}")
+        docs.append(f"{rng.choice(by_image[q['image_id']])}\n{VQA_PROMPT.format(q['question'])} {answer}")
     return docs
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from lavis_evlgen.common.checkpoint import ALLOW_OTHER_MODEL_KEY, StrictCheckpointLoading
 from lavis_evlgen.common.lemmatize import lemmatize
+from lavis_evlgen.common.prompts import VQA_PROMPT
 from lavis_evlgen.models.llm import build_llm
 from lavis_evlgen.models.vision import build_vision_encoder, vision_token_count
 
@@ -339,7 +340,7 @@ class PrefixLM(StrictCheckpointLoading, BaseModel):
         min_len: int = 1,
         num_ans_candidates: int = 128,
         answer_list: list[str] | None = None,
-        prompt: str = "Question: {} Short answer:",
+        prompt: str = VQA_PROMPT,
         length_penalty: float = 0.0,
         **kwargs,
     ) -> list[str]:

@@ -9,6 +9,7 @@ from lavis.common.registry import registry
 from lavis.common.vqa_tools.vqa_eval import VQAEval
 from lavis.tasks.base_task import BaseTask
 
+from lavis_evlgen.common.prompts import VQA_PROMPT
 from lavis_evlgen.tasks.captioning import as_id
 
 # Only its answer normalisation is used; VQAEval() without data is cheap.
@@ -82,10 +83,10 @@ def accuracy_by_type(accuracies: dict, types: dict) -> dict[str, float]:
 @registry.register_task("evlgen_vqa")
 class EvlgenVQATask(BaseTask):
     """``model.predict_answers`` with run_cfg ``num_beams`` (5), ``max_len`` (10), ``min_len`` (1),
-    ``prompt`` ("Question: {} Short answer:"), ``length_penalty`` (0); agg_metrics = accuracy (%).
+    ``prompt`` (``VQA_PROMPT``), ``length_penalty`` (0); agg_metrics = accuracy (%).
     Datasets whose records carry "question_type" also get accuracy_<type> and num_questions_<type>."""
 
-    def __init__(self, num_beams=5, max_len=10, min_len=1, prompt="Question: {} Short answer:", length_penalty=0.0):
+    def __init__(self, num_beams=5, max_len=10, min_len=1, prompt=VQA_PROMPT, length_penalty=0.0):
         super().__init__()
         self.num_beams = num_beams
         self.max_len = max_len
@@ -103,7 +104,7 @@ class EvlgenVQATask(BaseTask):
             num_beams=int(run_cfg.get("num_beams", 5)),
             max_len=int(run_cfg.get("max_len", 10)),
             min_len=int(run_cfg.get("min_len", 1)),
-            prompt=run_cfg.get("prompt", "Question: {} Short answer:"),
+            prompt=run_cfg.get("prompt", VQA_PROMPT),
             length_penalty=float(run_cfg.get("length_penalty", 0.0)),
         )
 
