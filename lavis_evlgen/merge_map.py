@@ -7,7 +7,7 @@ ViT-S/14 and a TomeFormer from MiniLM, with one layer per ``--r`` entry) with To
 tracking on (``TomeFormer.trace_source``): ``source[j, i] = 1`` when output token j holds input
 token i. ``patch_owners`` turns that into a patch grid of token indices; the figure paints each
 token's patches with their mean colour, as ToMe's visualisation does. Without ``--checkpoint`` the
-connector is the untrained one (MiniLM layers, random ``vision_proj``): the merges then follow the
+connector is the untrained one (MiniLM layers, random ``vit_proj``): the merges then follow the
 ViT's features through untrained projections.
 """
 import argparse
@@ -51,7 +51,7 @@ def token_sources(model, image: torch.Tensor) -> torch.Tensor:
     try:
         with torch.no_grad():
             tokens = model.vision_tokens(image).float()
-            out = connector(model.vision_proj(model.ln_vision(tokens)))
+            out = connector(model.vit_proj(model.ln_vision(tokens)))
     finally:
         connector.trace_source = False
     return out.source[0]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-type", default="mini", help="evlgen_vicuna model type (default: mini)")
     parser.add_argument("--image-size", type=int, default=None, help="input px (default: the model type's)")
     parser.add_argument("--checkpoint", default=None, help="trained EVLGen checkpoint (default: untrained connector)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained weights (vision_proj is random)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained weights (vit_proj is random)")
     args = parser.parse_args(argv)
 
     from lavis.processors.blip_processors import BlipImageEvalProcessor

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from lavis_evlgen.common.checkpoint import CheckpointMismatchError, trainable_state_dict
 from lavis_evlgen.models import EVLGenOPT, EVLGenVicuna, EVLGenVideoOPT
 
-THEIR_NAMES = {"vision_proj.": "VL_proj.", "connector.": "VLconnector."}
+THEIR_NAMES = {"vit_proj.": "VL_proj.", "connector.": "VLconnector."}
 OUR_TEMPORAL = re.compile(r"^visual_encoder\..*\.layer\.(\d+)\.temporal_merge\.")
 
 
@@ -158,7 +158,7 @@ def test_anything_else_that_does_not_fit_is_an_error_naming_it(opt_original, tmp
         "qformer": ({"Qformer.bert.embeddings.LayerNorm.weight": torch.zeros(width)},
                     r"does not have: \['Qformer\.bert\.embeddings\.LayerNorm\.weight'\]"),
         "shape": ({"VL_proj.weight": torch.zeros(width, 3)},
-                  r"vision_proj\.weight \(checkpoint: VL_proj\.weight\): checkpoint \(\d+, 3\), model"),
+                  r"vit_proj\.weight \(checkpoint: VL_proj\.weight\): checkpoint \(\d+, 3\), model"),
         "temporal": ({"visual_encoder.blocks.0.temporal_merge.alpha": torch.zeros(())},
                      r"does not have: \['visual_encoder\.blocks\.0\.temporal_merge\.alpha'\]"),
     }

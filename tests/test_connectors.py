@@ -90,7 +90,7 @@ def test_gradients_reach_every_trainable_tensor(models, connector):
     model(batch())["loss"].backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trainable} == (
-        {"ln_vision", "vision_proj", "llm_proj"} | ({"connector"} if connector != "mlp" else set()))
+        {"ln_vision", "vit_proj", "llm_proj"} | ({"connector"} if connector != "mlp" else set()))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
     assert all(p.grad is None for p in model.llm.parameters())
 
@@ -111,19 +111,19 @@ def test_avgpool_runs_the_same_bert_layers_without_merging(models):
 def test_mlp_is_linear_gelu_linear_on_every_token(models):
     model = models["mlp"]
     assert isinstance(model.connector, torch.nn.GELU)
-    # Its hidden width is the BERT connector's, so vision_proj and llm_proj keep their shapes.
+    # Its hidden width is the BERT connector's, so vit_proj and llm_proj keep their shapes.
     width = models["tomeformer"].connector.hidden_size
-    assert model.vision_proj.out_features == model.llm_proj.in_features == width
+    assert model.vit_proj.out_features == model.llm_proj.in_features == width
     with torch.no_grad():
         tokens = model.ln_vision(model.vision_tokens(batch()["image"]))
-        expected = model.llm_proj(torch.nn.functional.gelu(model.vision_proj(tokens)))
+        expected = model.llm_proj(torch.nn.functional.gelu(model.vit_proj(tokens)))
         torch.testing.assert_close(model.encode_image(batch()["image"]), expected)
 
 
 def test_default_checkpoint_keys_are_unchanged(models):
     """Today's default (tomeformer) keeps its module names: a checkpoint from before the option loads."""
     keys = {k.split(".")[0] for k in models["tomeformer"].state_dict() if not k.startswith(("visual_encoder", "llm."))}
-    assert keys == {"ln_vision", "vision_proj", "connector", "llm_proj"}
+    assert keys == {"ln_vision", "vit_proj", "connector", "llm_proj"}
     assert any(k.startswith("connector.encoder.layer.1.") for k in models["tomeformer"].state_dict())
     assert EVLGenConfig().connector == "tomeformer"
 

@@ -42,9 +42,9 @@ def test_soft_prompt_count_matches_connector(model):
 
 def test_only_connector_parts_train(model):
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"ln_vision", "vision_proj", "connector", "llm_proj"}
+    assert trainable == {"ln_vision", "vit_proj", "connector", "llm_proj"}
     assert model.num_trainable_parameters() == sum(
-        p.numel() for m in (model.ln_vision, model.vision_proj, model.connector, model.llm_proj) for p in m.parameters()
+        p.numel() for m in (model.ln_vision, model.vit_proj, model.connector, model.llm_proj) for p in m.parameters()
     )
 
 
@@ -54,7 +54,7 @@ def test_forward_backward_reaches_connector_not_frozen_parts(model):
     out = model(batch())
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
-    for name in ("ln_vision", "vision_proj", "llm_proj"):
+    for name in ("ln_vision", "vit_proj", "llm_proj"):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in grads), name
     assert all(p.grad is None for p in model.llm.parameters())

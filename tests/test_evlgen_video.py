@@ -21,7 +21,7 @@ from launch import subprocess_env
 from test_run_config import _flat
 
 REPO = Path(__file__).resolve().parents[1]
-CONNECTOR_PARTS = {"ln_vision", "vision_proj", "connector", "llm_proj"}
+CONNECTOR_PARTS = {"ln_vision", "vit_proj", "connector", "llm_proj"}
 PROMPTS = 33  # soft prompts per clip (per frame in concat): 65 ViT tokens, 2 TomeFormer layers of r=16
 
 

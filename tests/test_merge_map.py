@@ -34,7 +34,7 @@ def test_a_source_that_does_not_partition_is_refused():
 
 
 def test_command_writes_a_png_that_repeats(tmp_path):
-    """The untrained connector's random vision_proj is seeded, so the same command draws the same map."""
+    """The untrained connector's random vit_proj is seeded, so the same command draws the same map."""
     pictures = []
     for name in ("a.png", "b.png"):
         main(["--image", "skimage:chelsea", "--r", "16", "16", "--model-type", "tiny", "--out", str(tmp_path / name)])

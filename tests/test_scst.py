@@ -311,7 +311,7 @@ def test_gradients_reach_only_trainable_parts(model, tmp_path):
     out = model(samples())
     assert out["reward"] > 0
     out["loss"].backward()
-    for name in ("ln_vision", "vision_proj", "connector", "llm_proj"):
+    for name in ("ln_vision", "vit_proj", "connector", "llm_proj"):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
     assert all(p.grad is None for p in model.llm.parameters())

@@ -32,7 +32,7 @@ def test_two_process_train_eval_checkpoint_resume(tmp_path):
     first = torchrun(tmp_path, "run.max_epoch=1")
     checkpoint = load_checkpoint(first / "checkpoint_latest.pth")
     assert checkpoint["epoch"] == 0
-    assert set(checkpoint["model"]) and all(k.split(".")[0] in {"ln_vision", "vision_proj", "connector", "llm_proj"}
+    assert set(checkpoint["model"]) and all(k.split(".")[0] in {"ln_vision", "vit_proj", "connector", "llm_proj"}
                                            for k in checkpoint["model"])
     metrics = json.loads((first / "metrics_test.json").read_text())
     assert {"CIDEr", "Bleu_4", "METEOR", "ROUGE_L"} <= set(metrics)

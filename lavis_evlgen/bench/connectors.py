@@ -1,7 +1,7 @@
 """Each benchmark variant's connector as one call on ViT tokens: what the MACs count runs.
 
 The scope is the paper's (it reproduces the paper's EVLGen 11.9G and stage-2 6.28G, README
-"Performance"): EVLGen counts the TomeFormer (not ``vision_proj``/``llm_proj``), BLIP-2 stage 2 the
+"Performance"): EVLGen counts the TomeFormer (not ``vit_proj``/``llm_proj``), BLIP-2 stage 2 the
 Q-Former's query branch (not ``llm_proj``), stage 1 everything LAVIS's ITC + ITM + ITG forward runs
 after the ViT (Q-Former passes, ITG language-model head, ITC/ITM heads).
 
@@ -89,12 +89,12 @@ def random_queries(num_query_token: int, width: int) -> nn.Parameter:
 def connector_call(model: nn.Module, vision_tokens: torch.Tensor) -> ConnectorCall:
     """The paper's connector of a built model on ViT tokens [B, T, C_vit] (B > 1 for stage 1).
 
-    Inputs outside the scope (``ln_vision``, EVLGen's ``vision_proj``) are computed here, once.
+    Inputs outside the scope (``ln_vision``, EVLGen's ``vit_proj``) are computed here, once.
     """
     batch = vision_tokens.shape[0]
     with torch.no_grad():
         if isinstance(model, EVLGen):
-            embeds = model.vision_proj(model.ln_vision(vision_tokens))
+            embeds = model.vit_proj(model.ln_vision(vision_tokens))
             return ConnectorCall(model.connector, lambda: model.connector(embeds), batch)
         if isinstance(model, BLIP2):
             tokens = model.ln_vision(vision_tokens)

@@ -7,7 +7,7 @@ buffer and every second name of a tied weight. Their names and ours (README, "Mo
 | theirs | ours |
 |---|---|
 | ``ln_vision.*`` | ``ln_vision.*`` |
-| ``VL_proj.*`` | ``vision_proj.*`` |
+| ``VL_proj.*`` | ``vit_proj.*`` |
 | ``VLconnector.*`` (a BERT encoder) | ``connector.*`` (TomeFormer, the same BERT modules) |
 | ``opt_proj.*`` (OPT models) or ``llm_proj.*`` (Vicuna models) | ``llm_proj.*`` |
 | ``visual_encoder.blocks.N.temporal_merge.*`` (video) | the N-th block's ``temporal_merge.*`` of our ViT |
@@ -40,7 +40,7 @@ AUTHORS_ARCHS = {
 }
 # Prefixes only the authors' layout has: a checkpoint holding one of them is theirs.
 MARKERS = ("VLconnector.", "VL_proj.", "opt_proj.")
-RENAMED = {"VL_proj.": "vision_proj.", "VLconnector.": "connector.", "opt_proj.": "llm_proj."}
+RENAMED = {"VL_proj.": "vit_proj.", "VLconnector.": "connector.", "opt_proj.": "llm_proj."}
 UNUSED = (
     (re.compile(r"^VLconnector\.embeddings\.word_embeddings\."), "BERT word embeddings"),
     (re.compile(r"^VLconnector\.pooler\."), "BERT pooler"),

@@ -44,7 +44,7 @@ class EVLGenConfig(SCSTConfig, PrefixLMConfig):
 
     # TomeFormer connector, initialised from a BERT checkpoint. avgpool: pool to the token count
     # tome_r would merge to, then the same BERT layers with r=0 (merge_mode, prop_attn unused).
-    # mlp: vision_proj -> GELU -> llm_proj at connector_init's width (the BERT's layers and tome_r unused).
+    # mlp: vit_proj -> GELU -> llm_proj at connector_init's width (the BERT's layers and tome_r unused).
     connector: str = "tomeformer"
     connector_init: str = "bert-base-uncased"
     num_layers: int = 12
@@ -95,9 +95,9 @@ class EVLGen(SCSTMixin, PrefixLM):
         init = resolve_pretrained(config.connector_init, config_key="connector_init")
         if config.connector == "mlp":
             # LLaVA-1.5's projector (Linear-GELU-Linear; Liu et al. 2023, "Improved Baselines"):
-            # vision_proj and llm_proj are its Linears, so its widths are those of the other options.
+            # vit_proj and llm_proj are its Linears, so its widths are those of the other options.
             width = BertConfig.from_pretrained(init).hidden_size
-            self.vision_proj = nn.Linear(vision_width, width)
+            self.vit_proj = nn.Linear(vision_width, width)
             self.connector = nn.GELU()
             return width
         self.connector = TomeFormer.from_pretrained(
@@ -109,7 +109,8 @@ class EVLGen(SCSTMixin, PrefixLM):
         )
         # The ToMe schedule's r per layer: TomeFormer's merges, or what avgpool's token count matches.
         self.merge_schedule = parse_r(self.connector.num_layers, config.tome_r)
-        self.vision_proj = nn.Linear(vision_width, self.connector.hidden_size)
+        # ViT width -> connector width (the authors' VL_proj). Not BLIP-2's vision_proj, its ITC head.
+        self.vit_proj = nn.Linear(vision_width, self.connector.hidden_size)
         return self.connector.hidden_size
 
     def schedule_token_counts(self, num_vision_tokens: int) -> list[int]:
@@ -141,11 +142,11 @@ class EVLGen(SCSTMixin, PrefixLM):
         """vision_tokens [B, T, C_vit] -> (tokens [B, N, C], the connector's output: TomeFormerOutput, None for mlp);
         N = soft_prompt_count(T)."""
         if self.config.connector == "mlp":
-            return self.connector(self.vision_proj(vision_tokens)), None
+            return self.connector(self.vit_proj(vision_tokens)), None
         if self.config.connector == "avgpool":
-            # Pooling before vision_proj is the same as after (an affine map commutes with a mean), and cheaper.
+            # Pooling before vit_proj is the same as after (an affine map commutes with a mean), and cheaper.
             vision_tokens = avg_pool_tokens(vision_tokens, self.schedule_token_counts(vision_tokens.shape[1])[-1])
-        connector_out = self.connector(self.vision_proj(vision_tokens))
+        connector_out = self.connector(self.vit_proj(vision_tokens))
         return connector_out.last_hidden_state, connector_out
 
     def _build_contrastive_head(self, config: EVLGenConfig):

@@ -1,7 +1,7 @@
 """EVLGen-video (method.md section 3): EVLGen-image on the frames of a clip, with temporal attention.
 
     video [B, C, T, H, W] -> frames [B*T, C, H, W] -> ViT (frozen; + temporal attention in every block)
-    -> tokens [B*T, N, C_vit] -> mean over T -> ln_vision -> vision_proj -> TomeFormer -> llm_proj
+    -> tokens [B*T, N, C_vit] -> mean over T -> ln_vision -> vit_proj -> TomeFormer -> llm_proj
     -> soft prompts [B, P, D_llm] -> frozen LLM
 
 ``video_mode`` picks the row of the paper's MSR-VTT table; they are configurations of one model:
@@ -18,7 +18,7 @@
 - ``image``: the image model applied to the frames with mean pooling, for evaluation only (no
   video training): it computes what ``mean`` computes, and its training forward is an error.
 
-Module names are the image model's (``visual_encoder``, ``ln_vision``, ``vision_proj``,
+Module names are the image model's (``visual_encoder``, ``ln_vision``, ``vit_proj``,
 ``connector``, ``llm_proj``, ``llm``), so an EVLGen-image checkpoint (written by ``IMAGE_ARCH``
 with the same model type) loads: in ``video`` mode its missing temporal keys start fresh (at
 identity) and are named in the load's log line (``fresh_key_groups``); any other mismatch is an
