@@ -2,6 +2,7 @@
 rules, linear probes (tiny world and model)."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -131,20 +132,22 @@ def test_text_ceiling_scores_what_the_llm_writes_after_the_scene_list(tmp_path):
     ignores it is not: the ceiling reads the context the model was given, scene by scene."""
     from types import SimpleNamespace
 
-    from lavis_evlgen.assets.text_lm import train_tokenizer
+    from lavis_evlgen.assets.text_lm import OBJECT_TOKENS, train_tokenizer
     from lavis_evlgen.datasets.shapes_world import generate_shapes_world
     from lavis_evlgen.experiments.probe import text_ceiling
 
     world = generate_shapes_world(tmp_path / "world", seed=0, num_train=4, num_val=6, num_test=2, image_size=64)
-    tokenizer = train_tokenizer([f"a {c} {s}, " for c in COLORS for s in SHAPES], vocab_size=300)
+    tokenizer = train_tokenizer([f"a {c} {s}, " for c in COLORS for s in SHAPES], vocab_size=300, added_tokens=OBJECT_TOKENS)
 
     class Echo:
+        """Writes the object tokens of its context in words ("red circle, "), or always ``fixed``."""
         def __init__(self, fixed=None):
             self.fixed = fixed
 
         def generate(self, input_ids, attention_mask, eos_token_id, pad_token_id, **kwargs):
-            new = input_ids if self.fixed is None else tokenizer([self.fixed] * len(input_ids), return_tensors="pt").input_ids
-            return torch.cat([input_ids, new], 1)
+            contexts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+            said = [self.fixed or re.sub(r"<([a-z]+)_([a-z]+)>", r"\1 \2, ", c) for c in contexts]
+            return torch.cat([input_ids, tokenizer(said, return_tensors="pt", padding=True).input_ids], 1)
 
     def model(llm):
         return SimpleNamespace(tokenizer=tokenizer, llm=llm, stop_token_ids=[tokenizer.eos_token_id], eval=lambda: None)

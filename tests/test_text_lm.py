@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import random
+import re
 
-from lavis_evlgen.assets.text_lm import pretrain_text_lm, scene_text, shapes_corpus, video_corpus
+from lavis_evlgen.assets.text_lm import OBJECT_TOKENS, object_token, pretrain_text_lm, scene_text, shapes_corpus, video_corpus
 from lavis_evlgen.datasets.shapes_video import generate_shapes_video
 from lavis_evlgen.datasets.shapes_world import generate_shapes_world
 
@@ -29,14 +30,15 @@ def test_corpus_is_train_text_only(world):
     two_line = [d.split("\n")[:2] for d in docs if d.count("\n") == 2 and d.endswith("\n")]
     pairs = [p for p in two_line if p[0] in train]
     assert pairs and all(p[1] in train for p in pairs)
-    # the rest are scene documents: the train scene as a list, then one of its captions
+    # the rest are scene documents: the train scene as a list of object tokens, then one of its captions
     scenes = {s["image_id"]: s["objects"] for s in json.loads((world / "scenes_train.json").read_text())}
     image_of = {r["caption"]: r["image_id"] for r in json.loads((world / "captions_train.json").read_text())}
     listed = [p for p in two_line if p[0] not in train]
     assert len(listed) == len(json.loads((world / "captions_train.json").read_text()))  # one per caption record
     for scene_list, caption in listed:
         objects = scenes[image_of[caption]]
-        assert sorted(scene_list.split(", ")) == sorted(f"{o['color']} {o['shape']}" for o in objects)
+        assert sorted(re.findall(r"<[a-z]+_[a-z]+>", scene_list)) == sorted(object_token(o["color"], o["shape"]) for o in objects)
+        assert "".join(re.findall(r"<[a-z]+_[a-z]+>", scene_list)) == scene_list
 
 
 def test_video_corpus_is_train_captions_and_caption_pairs(tmp_path):
@@ -58,7 +60,7 @@ def test_video_corpus_is_train_captions_and_caption_pairs(tmp_path):
 def test_scene_text_lists_objects_in_any_order_and_events_in_time_order():
     objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
     orders = {scene_text(objects, random.Random(seed)) for seed in range(20)}
-    assert orders == {"red circle, blue square", "blue square, red circle"}
+    assert orders == {"<red_circle><blue_square>", "<blue_square><red_circle>"}
     events = [{"color": "green", "shape": "star", "action": "up", "to_color": None, "window": [8, 16]},
               {"color": "purple", "shape": "square", "action": "change", "to_color": "yellow", "window": [0, 8]}]
     assert scene_text(events, None) == "purple square change yellow, green star up"
@@ -66,7 +68,7 @@ def test_scene_text_lists_objects_in_any_order_and_events_in_time_order():
 
 def test_pretrain_saves_loadable_lm_without_bos(world, tmp_path):
     docs = shapes_corpus(world)
-    out = pretrain_text_lm(docs, tmp_path / "lm", steps=3, batch_size=4, vocab_size=300,
+    out = pretrain_text_lm(docs, tmp_path / "lm", steps=3, batch_size=4, vocab_size=300, added_tokens=OBJECT_TOKENS,
                            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                            intermediate_size=64)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -74,6 +76,10 @@ def test_pretrain_saves_loadable_lm_without_bos(world, tmp_path):
     ids = tokenizer("a red circle").input_ids
     assert tokenizer.bos_token_id not in ids  # soft prompts, not <s>, open each sequence
     assert tokenizer.decode(ids) == "a red circle"
+    # each object of a scene list is one token, whatever the BPE merges learned
+    listed = tokenizer("<red_circle><blue_square>\na red circle").input_ids
+    assert listed[:2] == tokenizer.convert_tokens_to_ids(["<red_circle>", "<blue_square>"])
+    assert len(set(tokenizer.convert_tokens_to_ids(OBJECT_TOKENS))) == len(OBJECT_TOKENS) == 24
     logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tokenizer))
     log = json.loads((out / "pretrain_log.json").read_text())

