@@ -33,6 +33,7 @@ from lavis_evlgen.common.checkpoint import (
     trainable_state_dict,
 )
 from lavis_evlgen.runners import runner_evlgen
+from lavis_evlgen.runners.grad_clip import GradNormClip
 from lavis_evlgen.runners.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 sys.path.insert(0, str(toy_plugin.REPO_ROOT))  # train.py is a script at the repo root
@@ -218,10 +219,38 @@ def test_save_refuses_nonfinite_weights(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pth"]
 
 
-@pytest.mark.parametrize("key, value", [("max_nonfinite_steps", -1), ("keep_checkpoints", 0), ("keep_checkpoints", "2")])
-def test_runner_options_are_checked(tmp_path, key, value):
-    with pytest.raises(ValueError, match=rf"run.{key}: expected an integer >= \d.*got {value!r}"):
+@pytest.mark.parametrize("key, value, allowed", [
+    ("max_nonfinite_steps", -1, "an integer >= 0"), ("keep_checkpoints", 0, "an integer >= 1 or null"),
+    ("keep_checkpoints", "2", "an integer >= 1 or null"), ("max_grad_norm", 0, "a number > 0 or null"),
+    ("max_grad_norm", "1.0", "a number > 0 or null"), ("max_grad_norm", float("inf"), "a number > 0 or null"),
+])
+def test_runner_options_are_checked(tmp_path, key, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"run.{key}: expected {allowed}, got {value!r}")):
         build(tmp_path, **{key: value})
+
+
+# ---------------------------------------------------------------------- gradient clipping
+def test_grad_norm_clip_scales_the_step_to_the_norm():
+    model = Regressor()
+    clip = GradNormClip(torch.optim.SGD(model.parameters(), lr=1.0), max_norm=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    model({"x": torch.full((2, 2), 100.0)})["loss"].backward()  # dw = (200, 200), db = 2
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    clip.step()
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert clip.last_norm == pytest.approx(norm) and norm > 200
+    assert step.norm().item() == pytest.approx(0.5, rel=1e-5)  # SGD at lr 1 moves by the clipped gradient
+
+
+def test_max_grad_norm_clips_inside_the_runner(tmp_path):
+    clipped = build(tmp_path / "clipped", max_epoch=1, valid_splits=[], test_splits=[], max_grad_norm=1e-3)
+    plain = build(tmp_path / "plain", max_epoch=1, valid_splits=[], test_splits=[])
+    clipped.train()
+    plain.train()
+    assert isinstance(clipped.optimizer.optimizer, GradNormClip) and not isinstance(plain.optimizer.optimizer, GradNormClip)
+    assert clipped.optimizer.optimizer.last_norm > 1e-3
+    a, b = weights(clipped.output_dir / "checkpoint_latest.pth"), weights(plain.output_dir / "checkpoint_latest.pth")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -24,6 +24,8 @@ RunnerIter) share ``EvlgenRunnerMixin``, which replaces what LAVIS 1.0.2 assumes
   ``load_trainable_state`` (never silently non-strict, nothing loaded unless everything fits).
 - non-finite losses: the optimizer is wrapped in a ``NonFiniteGuard`` that skips such steps,
   up to ``run.max_nonfinite_steps`` in a row, then stops the run (see ``nonfinite.py``).
+- ``run.max_grad_norm``: the gradients' total norm is clipped before each step (``grad_clip.py``;
+  LAVIS does not clip).
 - ``run.output_dir`` is relative to the working directory (LAVIS joins it to its package dir).
 
 Importing this module also registers LAVIS's LR schedulers (they live in
@@ -71,6 +73,7 @@ from lavis_evlgen.common.checkpoint import (
 from lavis_evlgen.common.paths import cache_root
 from lavis_evlgen.common.rng import gather_rng_states, loader_seed, restore_rank_rng_state, restore_rng_state
 from lavis_evlgen.runners.distributed import resolve_device
+from lavis_evlgen.runners.grad_clip import GradNormClip
 from lavis_evlgen.runners.nonfinite import NonFiniteGuard
 from lavis_evlgen.runners.schedules import LinearWarmupCosineIterLRScheduler
 
@@ -91,29 +94,40 @@ class RunnerOptions:
     keep_checkpoints: how many numbered checkpoints (``checkpoint_<epoch | iters>.pth``, written
         when there are no valid splits) to keep, the latest; null keeps all.
         ``checkpoint_latest.pth`` and ``checkpoint_best.pth`` are always kept.
+    max_grad_norm: clip the trainable gradients' total L2 norm to this before each step
+        (``grad_clip.py``); null does not clip (LAVIS's behaviour).
     """
 
     max_nonfinite_steps: int = 0
     keep_checkpoints: int | None = None
+    max_grad_norm: float | None = None
 
     @classmethod
     def from_run_cfg(cls, run_cfg) -> "RunnerOptions":
-        """Read from the run config; a value of the wrong type or range names its key. Every
-        option is an integer with a minimum; those whose default is None may be null."""
-        minimum = {"max_nonfinite_steps": 0, "keep_checkpoints": 1}
+        """Read from the run config; a value of the wrong type or range names its key. Those
+        whose default is None may be null."""
+        checks = {
+            "max_nonfinite_steps": (_int_at_least(0), "an integer >= 0"),
+            "keep_checkpoints": (_int_at_least(1), "an integer >= 1"),
+            "max_grad_norm": (_positive_number, "a number > 0"),
+        }
         values = {}
         for f in fields(cls):
             value = run_cfg.get(f.name, f.default)
             nullable = f.default is None
-            if not (value is None and nullable) and not _int_at_least(value, minimum[f.name]):
-                allowed = f"an integer >= {minimum[f.name]}" + (" or null" if nullable else "")
-                raise ValueError(f"run.{f.name}: expected {allowed}, got {value!r}")
+            valid, allowed = checks[f.name]
+            if not (value is None and nullable) and not valid(value):
+                raise ValueError(f"run.{f.name}: expected {allowed}" + (" or null" if nullable else "") + f", got {value!r}")
             values[f.name] = value
         return cls(**values)
 
 
-def _int_at_least(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _int_at_least(minimum: int):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 class SkippingSampler(DistributedSampler):
@@ -238,10 +252,14 @@ class EvlgenRunnerMixin:
 
     @property
     def optimizer(self) -> NonFiniteGuard:
-        """LAVIS's optimizer, behind a ``NonFiniteGuard`` (what the train loop and the checkpoints see)."""
+        """LAVIS's optimizer, behind a ``GradNormClip`` when ``run.max_grad_norm`` is set, behind a
+        ``NonFiniteGuard`` (what the train loop and the checkpoints see)."""
         if self._guard is None:
+            optimizer = super().optimizer
+            if self.options.max_grad_norm is not None:
+                optimizer = GradNormClip(optimizer, self.options.max_grad_norm)
             self._guard = NonFiniteGuard(
-                super().optimizer, self.unwrap_dist_model(self.model), self.options.max_nonfinite_steps, self.device
+                optimizer, self.unwrap_dist_model(self.model), self.options.max_nonfinite_steps, self.device
             )
         return self._guard
 
