@@ -43,7 +43,7 @@ def main() -> None:
     if args.checkpoint:
         model.load_checkpoint(str(args.checkpoint))
     if args.text_ceiling:
-        columns = ["count_acc", "color_f1", "shape_f1", "pair_f1", "held_out_recall", "unparseable"]
+        columns = ["count_acc", "color_f1", "shape_f1", "pair_f1", "held_out_recall", "unparseable", "repeated"]
         scores = {split: text_ceiling(model, ensure_shapes_world(), split, num_beams=5, max_new_tokens=30)
                   for split in ("val", "test")}
         rows = [[split, *(f"{s[c]:.1f}" if c in s else "—" for c in columns)] for split, s in scores.items()]

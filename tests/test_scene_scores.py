@@ -67,7 +67,7 @@ def test_every_generated_caption_parses_and_scores_perfectly(world):
         for k in range(5):
             scores = score_captions_against_scenes({i: refs[i][k] for i in scenes}, scenes, held_out)
             assert {name: scores[name] for name in RATES} == dict.fromkeys(RATES, 100.0)
-            assert scores["unparseable"] == 0 and scores["num_images"] == 10
+            assert scores["unparseable"] == 0 and scores["repeated"] == 0 and scores["num_images"] == 10
             if split == "test":  # every test image holds a held-out pair
                 assert scores["held_out_recall"] == 100.0 and scores["num_held_out_objects"] >= 10
             else:
@@ -203,3 +203,12 @@ def test_grounded_scores_through_builder_and_caption_task(tmp_path, monkeypatch)
     world_file.write_text(json.dumps({"name": "shapes_world"}))
     with pytest.raises(KeyError, match=f"{world_file} has no 'held_out_pairs'"):
         test.grounded_scores(first_refs)
+
+
+def test_an_object_named_twice_is_counted_as_repeated_and_misses_the_count():
+    scenes = {1: [_obj("red", "circle"), _obj("blue", "square")], 2: [_obj("green", "star"), _obj("red", "star")]}
+    captions = {1: "there are two shapes, a red circle and a red circle",
+                2: "there are two shapes, a green star and a red star"}
+    scores = score_captions_against_scenes(captions, scenes)
+    assert scores["repeated"] == 1 and scores["unparseable"] == 0
+    assert scores["count_acc"] == 50.0 and scores["pair_precision"] == 100.0 and scores["pair_recall"] == 75.0

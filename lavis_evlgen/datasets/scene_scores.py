@@ -161,7 +161,8 @@ def _image_counts(parsed: ParsedCaption, objects: list[dict], held_out: set[tupl
     """The hits and set sizes one image adds to the split's sums."""
     said = {(m.color, m.shape) for m in parsed.objects}
     true = {(o["color"], o["shape"]): o["position"] for o in objects}
-    counts = Counter(count=len(said) == len(objects), unparseable=not parsed.parsed)
+    named = [(m.color, m.shape) for m in parsed.objects]
+    counts = Counter(count=len(said) == len(objects), unparseable=not parsed.parsed, repeated=len(named) > len(said))
     for name, part in (("color", 0), ("shape", 1), ("pair", slice(None))):
         said_set, true_set = {pair[part] for pair in said}, {pair[part] for pair in true}
         counts.update({name: len(said_set & true_set), f"{name}_said": len(said_set), f"{name}_true": len(true_set)})
@@ -196,6 +197,8 @@ def score_captions_against_scenes(captions: dict, scenes: dict[object, list[dict
             the caption mentions (right pair); only with ``held_out_pairs``, the recall only when
             the scenes hold any.
         unparseable: captions the grammar does not fit exactly (read leniently, see ``parse_caption``).
+        repeated: captions naming one colour-shape pair more than once (the frozen mini LM's way of
+            missing the count: "a red circle and a red circle" for a red circle and a blue square).
         num_images: images scored.
     """
     _check_ids(captions, scenes)
@@ -214,5 +217,5 @@ def score_captions_against_scenes(captions: dict, scenes: dict[object, list[dict
         if totals["held_out_true"]:
             scores["held_out_recall"] = _rate(totals["held_out"], totals["held_out_true"])
         scores["num_held_out_objects"] = totals["held_out_true"]
-    scores.update(unparseable=totals["unparseable"], num_images=len(scenes))
+    scores.update(unparseable=totals["unparseable"], repeated=totals["repeated"], num_images=len(scenes))
     return scores

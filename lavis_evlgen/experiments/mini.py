@@ -131,7 +131,7 @@ def markdown(summary: dict) -> str:
         "",
         report.stats_table("model, split", caption_rows, caption_columns),
         "",
-        "## What the captions say, scored against the scene (%; unparseable = number of captions)",
+        "## What the captions say, scored against the scene (%; unparseable, repeated = numbers of captions)",
         "",
         report.stats_table("model, split", caption_rows, scene_columns),
         "",

@@ -18,7 +18,7 @@ CAPTION_METRICS = (("CIDEr", "CIDEr"), ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"
 SCENE_METRICS = (("scene_count_acc", "count acc"), ("scene_color_f1", "colour F1"), ("scene_shape_f1", "shape F1"),
                  ("scene_pair_precision", "pair P"), ("scene_pair_recall", "pair R"), ("scene_pair_f1", "pair F1"),
                  ("scene_position_acc", "position acc"), ("scene_held_out_recall", "held-out pair recall"),
-                 ("scene_unparseable", "unparseable"))
+                 ("scene_unparseable", "unparseable"), ("scene_repeated", "repeated"))
 # The video world's scene-grounded scores (datasets/video_scene_scores.py), in %: events stated right
 # (colour, shape, action, new colour), per kind of action, the order of two events, held-out events.
 VIDEO_SCENE_METRICS = (("scene_event_f1", "event F1"), ("scene_action_acc", "action acc"),
