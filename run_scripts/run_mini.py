@@ -1,6 +1,7 @@
 """The main job: EVLGen on the offline mini world, end to end, on CPU processes, over seeds.
 
     python run_scripts/run_mini.py [--seeds 0 1 2] [--nproc 2] [--model-type mini] [--output-dir output/evlgen/mini]
+                                   [--reevaluate]
 
 Prepares what is missing (worlds, converted ViT, connector init, in-house text LM, under
 $EVLGEN_CACHE), then per seed trains, evaluates captions (val, test) with scene-grounded scores and
@@ -25,9 +26,11 @@ def main() -> None:
     parser.add_argument("--options", nargs="*", default=[],
                         help="overrides for the caption jobs (training and evaluation); model.* ones also for VQA")
     parser.add_argument("--vqa-options", nargs="*", default=[], help="overrides for the VQA evaluations")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate finished seeds' checkpoints again with today's evaluation settings (no training)")
     args = parser.parse_args()
     run_main_job(args.seeds, args.model_type, args.nproc, args.output_dir.resolve(), args.options, args.vqa_options,
-                 command=" ".join(["python", "run_scripts/run_mini.py", *sys.argv[1:]]))
+                 command=" ".join(["python", "run_scripts/run_mini.py", *sys.argv[1:]]), reevaluate=args.reevaluate)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,40 @@ def test_finished_seed_is_reused_only_with_the_same_settings(tmp_path):
         mini.finished_seed(tmp_path, 0, "mini", ["model.vit_layer=5"])
 
 
+def test_reevaluate_evaluates_the_finished_checkpoint_again_without_training(tmp_path, monkeypatch):
+    """--reevaluate: evaluation jobs only (trained and blind), the recorded training time kept."""
+    checkpoint = tmp_path / "train" / "checkpoint_best.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    out = tmp_path / "seed0"
+    out.mkdir()
+    (out / "scores.json").write_text(json.dumps({**_fake_result(0, 50.0), "nproc": 1, "checkpoint": str(checkpoint)}))
+    launched = []
+
+    def fake_launch(script, cfg, nproc, job_dir, options, log):
+        launched.append((script, cfg.name, options))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        metrics = {"accuracy": 40.0} if cfg.name == "vqa.yaml" else {
+            "CIDEr": 0.7, "Bleu_4": 0.3, "METEOR": 0.2, "ROUGE_L": 0.5, "scene_count_acc": 96.0, "scene_pair_f1": 90.0, "scene_repeated": 2}
+        for split in ("val", "test"):
+            (job_dir / f"metrics_{split}.json").write_text(json.dumps(metrics))
+        return job_dir
+
+    monkeypatch.setattr(mini, "launch_job", fake_launch)
+    monkeypatch.setattr(mini, "prepare", lambda *args: None)
+    summary = mini.run_main_job([0], "mini", 1, tmp_path, [], [], command="test", reevaluate=True)
+    assert [script for script, _, _ in launched] == ["evaluate.py"] * 4
+    assert all(f"model.finetuned={checkpoint}" in options for _, _, options in launched)
+    result = json.loads((out / "scores.json").read_text())
+    assert result["train_wall_seconds"] == 60 and result["scores"]["EVLGen"]["val"]["CIDEr"] == 70.0
+    assert result["scores"]["EVLGen"]["val"]["repeated"] == 2.0 and "evaluated" in result
+    assert summary["scores"]["EVLGen"]["val"]["count acc"]["mean"] == 96.0
+
+    checkpoint.unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint_best.pth .*scores.json.* is missing"):
+        mini.run_main_job([0], "mini", 1, tmp_path, [], [], command="test", reevaluate=True)
+
+
 def test_summary_tables_hold_mean_and_spread():
     results = [_fake_result(0, 50.0), _fake_result(1, 60.0)]
     summary = {"command": "python run_scripts/run_mini.py --seeds 0 1", "date": "2026-01-01", "machine": "m",

@@ -229,6 +229,17 @@ def test_caption_prompt_goes_to_generate():
     assert "prompt" not in model.calls[-1][0]
 
 
+def test_caption_repetition_penalty_is_a_run_key_passed_to_every_model():
+    samples = {"image": torch.zeros(2, 3), "image_id": torch.tensor([5, 6])}
+    model = FakeModel()
+    setup(EvlgenCaptionTask, **CAPTION_RUN, repetition_penalty=1.2).valid_step(model, samples)
+    assert model.calls[-1][1]["repetition_penalty"] == 1.2
+    setup(EvlgenCaptionTask, **CAPTION_RUN, repetition_penalty=None).valid_step(model, samples)
+    assert "repetition_penalty" not in model.calls[-1][1]  # each model's own default
+    with pytest.raises(ValueError, match="run.repetition_penalty: expected a positive number or null, got -1"):
+        setup(EvlgenCaptionTask, **CAPTION_RUN, repetition_penalty=-1)
+
+
 def test_caption_metrics_and_agg(output_dirs, monkeypatch):
     scored = {}
 

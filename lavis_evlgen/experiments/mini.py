@@ -10,7 +10,8 @@ colour-shape pairs are the same for every world seed):
    conditioned on another image), the score a model that ignores the image gets.
 
 Then the mean ± std over seeds goes to ``OUTPUT_DIR/summary.{md,json}``. A finished seed
-(``seed<k>/scores.json``) made with the same settings is reused, so an interrupted run continues.
+(``seed<k>/scores.json``) made with the same settings is reused, so an interrupted run continues;
+``--reevaluate`` evaluates its checkpoint again instead (training reused).
 """
 import json
 import time
@@ -56,7 +57,7 @@ def read_metrics(job: Path, split: str) -> dict:
 
 def run_seed(seed: int, model_type: str, nproc: int, out: Path, options: list[str], vqa_options: list[str],
              start: float) -> dict:
-    """Train and evaluate one seed in ``out``; returns (and writes to ``out/scores.json``) its scores.
+    """Train and evaluate one seed in ``out``; returns (and writes to ``out/scores.json``) its result.
 
     ``options`` apply to every caption job (training and evaluation); the VQA evaluations get
     its ``model.`` overrides and ``vqa_options``.
@@ -65,8 +66,19 @@ def run_seed(seed: int, model_type: str, nproc: int, out: Path, options: list[st
     seed_start = time.time()
     report.stage(f"seed {seed}: training EVLGen captioning", start)
     train_job = launch_job("train.py", CAPTION_CFG, nproc, out / "train", base + options, log=out / "train.log")
-    train_seconds = time.time() - seed_start
-    checkpoint = train_job / "checkpoint_best.pth"
+    result = {"seed": seed, "model_type": model_type, "options": options + vqa_options, "nproc": nproc,
+              "checkpoint": str(train_job / "checkpoint_best.pth"), "train_wall_seconds": round(time.time() - seed_start)}
+    return evaluate_seed(result, out, options, vqa_options, start)
+
+
+def evaluate_seed(result: dict, out: Path, options: list[str], vqa_options: list[str], start: float) -> dict:
+    """Evaluate the checkpoint of a seed's ``result`` (trained and blind) in ``out``; returns the
+    result with its ``scores`` and ``wall_seconds`` (training + this evaluation), also written to
+    ``out/scores.json``."""
+    seed, model_type, checkpoint = result["seed"], result["model_type"], Path(result["checkpoint"])
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"seed {seed}: checkpoint {checkpoint} (named in {out / 'scores.json'}) is missing")
+    eval_start = time.time()
     trained = [f"model.model_type={model_type}", "model.load_finetuned=True", f"model.finetuned={checkpoint}"]
     caption_opts = seed_options(seed, "shapes_caption") + options + [
         "run.evaluate=True", "run.train_splits=[]", "run.valid_splits=[]", "run.test_splits=[val,test]"]
@@ -76,16 +88,15 @@ def run_seed(seed: int, model_type: str, nproc: int, out: Path, options: list[st
     for name, ablation in MODELS.items():
         tag = "blind" if ablation else "eval"
         report.stage(f"seed {seed}: evaluating {name}: captions (val, test), zero-shot VQA (test)", start)
-        caption_job = launch_job("evaluate.py", CAPTION_CFG, nproc, out / f"{tag}_caption",
+        caption_job = launch_job("evaluate.py", CAPTION_CFG, result["nproc"], out / f"{tag}_caption",
                                  trained + caption_opts + ablation, log=out / f"{tag}_caption.log")
-        vqa_job = launch_job("evaluate.py", VQA_CFG, nproc, out / f"{tag}_vqa", trained + vqa_opts + ablation,
+        vqa_job = launch_job("evaluate.py", VQA_CFG, result["nproc"], out / f"{tag}_vqa", trained + vqa_opts + ablation,
                              log=out / f"{tag}_vqa.log")
         scores[name] = {"val": report.caption_scores(read_metrics(caption_job, "val")),
                         "test": report.caption_scores(read_metrics(caption_job, "test")),
                         "vqa": report.vqa_scores(read_metrics(vqa_job, "test"))}
-    result = {"seed": seed, "model_type": model_type, "options": options + vqa_options, "nproc": nproc,
-              "checkpoint": str(checkpoint), "train_wall_seconds": round(train_seconds),
-              "wall_seconds": round(time.time() - seed_start), "scores": scores}
+    result = {**result, "wall_seconds": result["train_wall_seconds"] + round(time.time() - eval_start),
+              "evaluated": time.strftime("%Y-%m-%d %H:%M"), "scores": scores}
     (out / "scores.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -143,8 +154,10 @@ def markdown(summary: dict) -> str:
 
 
 def run_main_job(seeds: list[int], model_type: str, nproc: int, output_dir: Path, options: list[str],
-                 vqa_options: list[str], command: str) -> dict:
-    """Run (or reuse) every seed, then write and return the summary over seeds."""
+                 vqa_options: list[str], command: str, reevaluate: bool = False) -> dict:
+    """Run (or reuse) every seed, then write and return the summary over seeds. ``reevaluate``: a
+    finished seed's checkpoint is evaluated again with today's evaluation settings (after a change
+    of decoding, say), its training reused."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers, got {seeds}")
     start = time.time()
@@ -154,7 +167,10 @@ def run_main_job(seeds: list[int], model_type: str, nproc: int, output_dir: Path
     for seed in seeds:
         out = output_dir / f"seed{seed}"
         result = finished_seed(out, seed, model_type, options + vqa_options)
-        if result is not None:
+        if result is not None and reevaluate:
+            report.stage(f"seed {seed}: evaluating again the checkpoint of {out / 'scores.json'}", start)
+            result = evaluate_seed(result, out, options, vqa_options, start)
+        elif result is not None:
             report.stage(f"seed {seed}: reusing {out / 'scores.json'}", start)
         else:
             result = run_seed(seed, model_type, nproc, out, options, vqa_options, start)

@@ -58,12 +58,19 @@ def caption_ground_truth(dataset) -> dict:
 @registry.register_task("evlgen_captioning")
 class EvlgenCaptionTask(CaptionTask):
     """Generate a caption per image (``run.num_beams``, ``max_len``, ``min_len``, optional
-    ``prompt``) and score it with ``score_captions``; agg_metrics = CIDEr + Bleu_4. A dataset with
-    ``grounded_scores(captions)`` (the shapes world) adds its scores as ``scene_<name>``."""
+    ``prompt`` and ``repetition_penalty``) and score it with ``score_captions``; agg_metrics =
+    CIDEr + Bleu_4. A dataset with ``grounded_scores(captions)`` (the shapes world) adds its scores
+    as ``scene_<name>``.
 
-    def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, prompt=""):
+    ``repetition_penalty`` (HF generate's, on the tokens generated so far) is a run key so that every
+    model a comparison evaluates decodes alike; null leaves each model's own default."""
+
+    def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True, prompt="", repetition_penalty=None):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)
+        if repetition_penalty is not None and not float(repetition_penalty) > 0:
+            raise ValueError(f"run.repetition_penalty: expected a positive number or null, got {repetition_penalty!r}")
         self.prompt = prompt
+        self.repetition_penalty = None if repetition_penalty is None else float(repetition_penalty)
         self.ground_truth = None
         self.dataset = None
 
@@ -77,6 +84,7 @@ class EvlgenCaptionTask(CaptionTask):
             evaluate=run_cfg.evaluate,
             report_metric=run_cfg.get("report_metric", True),
             prompt=run_cfg.get("prompt", ""),
+            repetition_penalty=run_cfg.get("repetition_penalty"),
         )
 
     def before_evaluation(self, model, dataset, **kwargs):
@@ -88,12 +96,14 @@ class EvlgenCaptionTask(CaptionTask):
         """Captions for one batch: [{"caption": str, "image_id": int | str}]."""
         if self.prompt:
             samples = {**samples, "prompt": self.prompt}
+        decoding = {} if self.repetition_penalty is None else {"repetition_penalty": self.repetition_penalty}
         captions = model.generate(
             samples,
             use_nucleus_sampling=False,
             num_beams=self.num_beams,
             max_length=self.max_len,
             min_length=self.min_len,
+            **decoding,
         )
         return [{"caption": c, "image_id": as_id(i)} for c, i in zip(captions, samples["image_id"])]
 
